@@ -1,0 +1,41 @@
+"""fxfuse: structural re-parameterization on ``torch.fx`` graphs, for any model.
+
+Training-time networks sum redundant linear branches (RepVGG's 3×3 + 1×1 + identity, ACNet's
+1×3 and 3×1, MobileOne's k copies) and follow every conv with a batch norm. fxfuse rewrites the
+graph so each such block is one conv::
+
+    import fxfuse
+    fused = fxfuse.optimize(model.eval())
+    print(fused.fxfuse_report)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fxfuse.api import optimize
+from fxfuse.errors import CaptureError, ConvergenceError, FxFuseError, TrainingModeError
+from fxfuse.report import Decline, FusionReport, GraphStats, Rewrite
+from fxfuse.rules import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
+
+__all__ = [
+    "CaptureError",
+    "ConvergenceError",
+    "Decline",
+    "FusionOptions",
+    "FusionReport",
+    "FxFuseError",
+    "GraphStats",
+    "Match",
+    "Rewrite",
+    "RewriteContext",
+    "Rule",
+    "RuleSet",
+    "Stage",
+    "TrainingModeError",
+    "optimize",
+]
+
+__version__ = "0.1.0"
+
+logging.getLogger("fxfuse").addHandler(logging.NullHandler())

@@ -1,0 +1,128 @@
+"""``fxfuse.optimize``: capture → rules to a fixpoint → emit."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxfuse.capture import symbolic_capture
+from fxfuse.emit import emit
+from fxfuse.errors import TrainingModeError
+from fxfuse.report import FusionReport, graph_stats
+from fxfuse.rules import FusionOptions, RewriteContext, Rule, RuleSet
+
+__all__ = ["optimize"]
+
+log = logging.getLogger("fxfuse")
+
+
+def _rule_set(rules: RuleSet | Iterable[Rule[Any]] | None) -> RuleSet:
+    if rules is None:
+        from fxfuse.passes import default_rules
+
+        return default_rules()
+    return rules if isinstance(rules, RuleSet) else RuleSet.of(rules)
+
+
+def _left_alone(gm: GraphModule) -> list[str]:
+    """Notes on modules fxfuse does not touch: quantized ones, and those in training mode."""
+    notes = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(str(node.target))
+        if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+            notes.append(f"{node.target} ({type(module).__name__}) is quantized: left alone")
+    return notes
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    rules: RuleSet | Iterable[Rule[Any]] | None = None,
+    options: FusionOptions | None = None,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> GraphModule:
+    """Fuse ``model`` into an equivalent, cheaper ``torch.fx.GraphModule``.
+
+    The model is traced with ``torch.fx`` symbolic tracing; batch norms are folded into the
+    convs before them, branches reading the same input and summed are merged into one conv
+    (identity and batch-norm branches included), and ops that do nothing at inference are
+    dropped. Every rewrite is exact in real arithmetic; weights are computed in float64 and
+    cast back to each layer's dtype.
+
+    Args:
+        model: an ``nn.Module`` in eval mode. It is never modified: the result owns fresh
+            copies of everything it uses.
+        example_inputs: optional inputs; when given, the graph's shapes are recorded first
+            and the rules check their layout assumptions against them.
+        rules: the rule set to run (default :func:`fxfuse.passes.default_rules`); a plain
+            list of :class:`~fxfuse.Rule` objects runs as one stage.
+        options: :class:`~fxfuse.FusionOptions` for the rules.
+        leaf_modules: module classes to keep whole instead of tracing through them.
+        concrete_args: passed to ``torch.fx`` tracing, to fix Python-valued arguments.
+
+    Returns:
+        A ``GraphModule`` in eval mode, with the :class:`~fxfuse.FusionReport` as its
+        ``fxfuse_report`` attribute.
+
+    Raises:
+        TrainingModeError: ``model.training`` is true.
+        CaptureError: the model cannot be traced; the message names the construct.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxfuse.optimize takes an nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise TrainingModeError(
+            f"{type(model).__name__} is in training mode, where batch norm uses batch "
+            "statistics and dropout is random, so no fused model computes the same thing. "
+            "Call model.eval() first (fxfuse never changes the mode of your model)."
+        )
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    gm = symbolic_capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if example_inputs is not None:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    timings["capture"] = time.perf_counter() - start
+
+    report = FusionReport(
+        capture="torch.fx.symbolic_trace",
+        before=graph_stats(gm, sum(p.numel() for p in model.parameters())),
+        notes=_left_alone(gm),
+    )
+    start = time.perf_counter()
+    ctx = RewriteContext(gm, options)
+    _rule_set(rules).run(ctx)
+    timings["rules"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    declines = ctx.declines()
+    fused = emit(gm, class_name=f"Fused{type(model).__name__}")
+    timings["emit"] = time.perf_counter() - start
+
+    report.after = graph_stats(fused)
+    report.rewrites = ctx.rewrites
+    report.declines = declines
+    report.counts = ctx.counts
+    report.timings = timings
+    fused.fxfuse_report = report
+    log.info(
+        "fxfuse: %s convs %d -> %d, batch norms %d -> %d, %d declined",
+        type(model).__name__,
+        report.before.convs,
+        report.after.convs,
+        report.before.batch_norms,
+        report.after.batch_norms,
+        len(declines),
+    )
+    return fused

@@ -1,0 +1,138 @@
+"""Capture: a model in, a ``torch.fx.GraphModule`` out, or an error that says why not.
+
+:class:`Tracer` is ``torch.fx.Tracer`` with two changes:
+
+- parameter and buffer names are looked up in a map built once per trace. ``torch.fx`` finds a
+  tensor's name by scanning every parameter of the model for every functional use
+  (``F.batch_norm(x, self.running_mean, …)``), which makes tracing quadratic: on timm's
+  mobileone_s0 that is most of fxfuse's time (DESIGN.md, trap 9);
+- extra leaf modules: a submodule fx cannot trace through can be kept whole, and fxfuse fuses
+  around it.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Proxy
+from torch.fx import Tracer as FxTracer
+from torch.fx.proxy import TraceError
+
+from fxfuse.errors import CaptureError
+
+__all__ = ["Tracer", "symbolic_capture"]
+
+
+class Tracer(FxTracer):
+    """``torch.fx.Tracer`` with O(1) parameter/buffer naming and user-chosen leaf modules."""
+
+    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = (), **kwargs: Any):
+        super().__init__(**kwargs)
+        self.extra_leaves = tuple(leaf_modules)
+        self._names: dict[int, str] = {}
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
+        self._names = {}
+        if isinstance(root, nn.Module):
+            for name, buffer in root.named_buffers():
+                self._names.setdefault(id(buffer), name)
+            for name, param in root.named_parameters():
+                self._names.setdefault(id(param), name)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            self._names = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Proxy]) -> Any:
+        if isinstance(attr_val, nn.Parameter) or (
+            self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)
+        ):
+            name = self._names.get(id(attr_val))
+            if name is None or self.param_shapes_constant:
+                return super().getattr(attr, attr_val, parameter_proxy_cache)
+            if name not in parameter_proxy_cache:
+                parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+            return parameter_proxy_cache[name]
+        return attr_val
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and not isinstance(a, Proxy):
+            name = self._names.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+
+def symbolic_capture(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> GraphModule:
+    """``model`` as a ``GraphModule`` by symbolic tracing; :class:`CaptureError` if it cannot be."""
+    tracer = Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args)
+    except Exception as error:
+        raise CaptureError(_explain(model, error)) from error
+    return GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OUR_DIR = os.path.dirname(__file__)
+
+
+def _user_frame(tb: TracebackType | None) -> tuple[traceback.FrameSummary, Any] | None:
+    """The innermost traceback frame in the user's code (not torch's, not ours)."""
+    found = None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith((_TORCH_DIR, _OUR_DIR)) and "<" not in filename[:1]:
+            summary = traceback.extract_tb(tb, limit=1)[0]
+            found = (summary, tb.tb_frame.f_locals.get("self"))
+        tb = tb.tb_next
+    return found
+
+
+def _explain(model: nn.Module, error: Exception) -> str:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "control flow" in message:
+        what = "data-dependent control flow (an `if`/`while` on a tensor value)"
+    elif "cannot be iterated" in message:
+        what = "iterating over a traced tensor"
+    elif isinstance(error, TraceError):
+        what = message
+    else:
+        what = f"{type(error).__name__}: {message}"
+    lines = [f"torch.fx.symbolic_trace cannot capture {type(model).__name__}: {what}"]
+    frame = _user_frame(error.__traceback__)
+    owner = None
+    if frame is not None:
+        summary, owner = frame
+        code = f": `{summary.line.strip()}`" if summary.line else ""
+        lines.append(f"  at {summary.filename}:{summary.lineno} in {summary.name}{code}")
+    lines.append("What to try:")
+    if isinstance(owner, nn.Module) and owner is not model:
+        lines.append(
+            f"  - keep that submodule whole: fxfuse.optimize(model, "
+            f"leaf_modules=[{type(owner).__name__}]); fxfuse fuses around it"
+        )
+    else:
+        lines.append(
+            "  - keep the submodule that does this whole: "
+            "fxfuse.optimize(model, leaf_modules=[ThatModule])"
+        )
+    lines.append(
+        "  - if it branches on a Python flag argument, fix it: "
+        "fxfuse.optimize(model, concrete_args={'flag': value})"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,948 @@
+"""The normalization layer: one read-only view per op the rules care about, in any dialect.
+
+A conv may be an ``nn.Conv2d`` module, ``F.conv2d``/``torch.conv2d`` with attribute weights, or a
+conv fxfuse built itself (:class:`FusedLayer`); a batch norm may be an ``nn.BatchNorm2d`` (or a
+subclass that keeps its ``forward``) or ``F.batch_norm`` (timm's ``BatchNormAct2d`` traces into
+that). Rules only ever see :class:`ConvView`, :class:`BatchNormView` and :class:`Combination`, so a
+rule written for one dialect works for all of them.
+
+Views read the graph; they never change it. Everything that reads a tensor goes through a
+:class:`Constants` resolver, so the same views work on graphs whose weights are attributes
+(``symbolic_trace``) or bound graph inputs (``torch.compile``).
+
+Layout assumption: activations are batched, channels first (``N, C, *spatial``), the layout every
+``nn.BatchNorm`` module enforces. Where a graph carries shapes (``node.meta["val"]``), the rules
+check it instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import Node
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.padding import (
+    _CircularPadNd,
+    _ConstantPadNd,
+    _ReflectionPadNd,
+    _ReplicationPadNd,
+)
+
+from fxfuse.kernels import Window
+
+__all__ = [
+    "PADDING_MODES",
+    "BatchNormView",
+    "Combination",
+    "Constants",
+    "ConvGeometry",
+    "ConvView",
+    "FusedLayer",
+    "Padding",
+    "as_batch_norm",
+    "as_combination",
+    "as_conv",
+    "bind_arguments",
+    "constant_value",
+    "fused_layer",
+    "inherits_forward",
+    "module_path_of",
+    "peel_padding",
+]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class Constants(Protocol):
+    """Resolves graph values to tensors: attributes, bound inputs; ``None`` for activations."""
+
+    def tensor(self, arg: Any) -> Tensor | None: ...
+
+    def module(self, target: str) -> nn.Module: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Static attributes of a convolution, normalised.
+
+    ``padding`` is ``(left, right)`` per spatial dim; a negative amount is a crop. For a
+    transposed conv it is the conv-transpose padding (symmetric) and is never peeled or merged.
+    """
+
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str = "zeros"
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.stride)
+
+    def windows(self, kernel_size: Sequence[int]) -> tuple[Window, ...]:
+        return tuple(
+            Window(k, d, left, right)
+            for k, d, (left, right) in zip(kernel_size, self.dilation, self.padding, strict=True)
+        )
+
+    @property
+    def reads_padding(self) -> bool:
+        """Whether some output reads a padded position (which then depends on the mode)."""
+        return any(left > 0 or right > 0 for left, right in self.padding)
+
+
+def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    return value * n if len(value) == 1 else value
+
+
+def _padding_pairs(
+    padding: str | int | Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
+    """Per-dim (left, right) padding of a conv's ``padding`` argument.
+
+    ``"same"`` pads ``d·(k−1)`` in total with the extra position on the right (DESIGN trap 6).
+    """
+    n = len(kernel_size)
+    if padding == "valid":
+        return ((0, 0),) * n
+    if padding == "same":
+        pairs = []
+        for k, d in zip(kernel_size, dilation, strict=True):
+            total = d * (k - 1)
+            pairs.append((total // 2, total - total // 2))
+        return tuple(pairs)
+    return tuple((p, p) for p in _tuple(padding, n))
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Padding accumulated between a value and the op that reads it: (left, right) per spatial dim.
+
+    Negative amounts are crops. ``mode`` is the padding mode of the positive amounts.
+    """
+
+    pairs: tuple[tuple[int, int], ...]
+    mode: str = "zeros"
+
+    @property
+    def positive(self) -> bool:
+        return any(a > 0 for pair in self.pairs for a in pair)
+
+    def around(self, inner: Padding) -> Padding | None:
+        """This padding applied to the result of ``inner``, as one padding; ``None`` if not exact.
+
+        Per side, with inner amount ``a`` and outer ``e``: a crop of a padded value removes the
+        padding first (``a + e``, exact for every mode); padding a cropped value fills with zeros
+        where real values were, which no single padding expresses; two zero paddings add up.
+        """
+        pairs = []
+        modes = set()
+        for (a_left, a_right), (e_left, e_right) in zip(inner.pairs, self.pairs, strict=True):
+            pair = []
+            for a, e in ((a_left, e_left), (a_right, e_right)):
+                if a == 0 or e == 0:
+                    total = a + e
+                    mode = inner.mode if a else self.mode
+                elif a > 0 and e < 0:
+                    total, mode = a + e, inner.mode
+                elif (a > 0 and e > 0 and inner.mode == self.mode == "zeros") or (a < 0 and e < 0):
+                    total, mode = a + e, "zeros"
+                else:
+                    return None
+                if total > 0:
+                    modes.add(mode)
+                pair.append(total)
+            pairs.append((pair[0], pair[1]))
+        if len(modes) > 1:
+            return None
+        return Padding(tuple(pairs), modes.pop() if modes else "zeros")
+
+
+_PAD_MODES = {"constant": "zeros", "reflect": "reflect", "replicate": "replicate"}
+_PAD_MODES["circular"] = "circular"
+
+
+def _pairs_from_pad_arg(pad: Sequence[int], ndim: int) -> tuple[tuple[int, int], ...] | None:
+    """F.pad's ``(left_last, right_last, left_prev, right_prev, …)`` as pairs in dim order."""
+    pad = tuple(pad)
+    if len(pad) % 2 or len(pad) // 2 > ndim or not all(isinstance(p, int) for p in pad):
+        return None
+    pairs = [(0, 0)] * ndim
+    for i in range(len(pad) // 2):
+        pairs[ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+    return tuple(pairs)
+
+
+def _slice_crop(index: Any, ndim: int) -> tuple[tuple[int, int], ...] | None:
+    """``x[:, :, a:-b, …]`` or ``x[..., a:-b]`` as negative padding; ``None`` for anything else."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if index and index[0] is Ellipsis:
+        spatial = index[1:]
+    else:
+        if len(index) < 2 or any(i != slice(None) for i in index[:2]):
+            return None
+        spatial = index[2:]
+        spatial = spatial + (slice(None),) * (ndim - len(spatial))
+    if len(spatial) > ndim or any(not isinstance(s, slice) for s in spatial):
+        return None
+    pairs = [(0, 0)] * (ndim - len(spatial))
+    for s in spatial:
+        if s.step not in (None, 1):
+            return None
+        start = 0 if s.start is None else s.start
+        stop = 0 if s.stop is None else s.stop
+        if not isinstance(start, int) or not isinstance(stop, int) or start < 0 or stop > 0:
+            return None
+        pairs.append((-start, stop))
+    return tuple(pairs)
+
+
+def _as_padding_op(node: Node, ndim: int, consts: Constants) -> tuple[Node, Padding] | None:
+    """A pad or crop of a value: ``F.pad``, an ``nn.*Pad*d`` module, or a slicing crop."""
+    if node.op == "call_function" and node.target is F.pad:
+        args = bind_arguments(F.pad, node)
+        if args is None or not isinstance(args["input"], Node):
+            return None
+        mode = _PAD_MODES.get(args.get("mode", "constant"))
+        if mode is None or (mode == "zeros" and args.get("value") not in (None, 0, 0.0)):
+            return None
+        pairs = _pairs_from_pad_arg(args["pad"], ndim)
+        return None if pairs is None else (args["input"], Padding(pairs, mode))
+    if node.op == "call_function" and node.target is operator.getitem:
+        source, index = node.args
+        if not isinstance(source, Node):
+            return None
+        pairs = _slice_crop(index, ndim)
+        return None if pairs is None else (source, Padding(pairs))
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        module = consts.module(str(node.target))
+        mode = next((m for cls, m in _PAD_MODULES.items() if isinstance(module, cls)), None)
+        if mode is None or not inherits_forward(module):
+            return None
+        if mode == "zeros" and getattr(module, "value", 0) != 0:
+            return None
+        pairs = _pairs_from_pad_arg(module.padding, ndim)
+        return None if pairs is None else (node.args[0], Padding(pairs, mode))
+    return None
+
+
+_PAD_MODULES: dict[type, str] = {
+    _ConstantPadNd: "zeros",
+    _ReflectionPadNd: "reflect",
+    _ReplicationPadNd: "replicate",
+    _CircularPadNd: "circular",
+}
+
+
+def inherits_forward(module: nn.Module, *methods: str) -> bool:
+    """True when ``module`` runs ``forward`` (and ``methods``) as defined in ``torch.nn``.
+
+    A subclass that redefines them (weight standardization, fake quantization, dynamic
+    "same" padding) computes something else and is not the op its base class is.
+    """
+    for name in ("forward", *methods):
+        fn = getattr(type(module), name, None)
+        if not getattr(fn, "__module__", "").startswith("torch.nn."):
+            return False
+    return True
+
+
+def peel_padding(node: Node, outer: Padding, consts: Constants) -> tuple[Node, Padding]:
+    """Walk from a conv's input through pads and crops, folding them into the conv's padding.
+
+    Stops at the first op that is not a pad/crop or that does not compose exactly (see
+    :meth:`Padding.around`). Returns the value actually read and the total padding.
+    """
+    ndim = len(outer.pairs)
+    while True:
+        inner = _as_padding_op(node, ndim, consts)
+        if inner is None:
+            return node, outer
+        combined = outer.around(inner[1])
+        if combined is None:
+            return node, outer
+        node, outer = inner[0], combined
+
+
+# --------------------------------------------------------------------------------------------
+# Layers fxfuse builds itself
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class FusedLayer:
+    """A conv or linear layer fxfuse has built, held exactly (float64) until emission.
+
+    It sits in the graph as ``fused_layer(x, layer)`` while rules run, so a later rule reads
+    the exact weights rather than a rounded copy; emission turns it into a fresh module with
+    parameters cast to ``dtype``.
+    """
+
+    kind: str  # "conv" | "conv_transpose" | "linear"
+    weight: Tensor
+    bias: Tensor | None
+    geometry: ConvGeometry | None
+    dtype: torch.dtype
+    device: torch.device
+    sources: tuple[str, ...]  # module paths of every op folded into it
+    name: str  # where emission would like to put the module (a dotted path)
+    requires_grad: bool = False
+
+    def __repr__(self) -> str:
+        shape = "x".join(str(s) for s in self.weight.shape)
+        return f"FusedLayer({self.kind} {shape} -> {self.name})"
+
+
+def fused_layer(x: Tensor, layer: FusedLayer) -> Tensor:
+    """Reference semantics of a :class:`FusedLayer` (used only before emission)."""
+    weight = layer.weight.to(device=layer.device, dtype=layer.dtype)
+    bias = None if layer.bias is None else layer.bias.to(device=layer.device, dtype=layer.dtype)
+    if layer.kind == "linear":
+        return F.linear(x, weight, bias)
+    geo = layer.geometry
+    assert geo is not None
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[geo.ndim]
+    if layer.kind == "conv_transpose":
+        convt = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[geo.ndim]
+        padding = tuple(left for left, _ in geo.padding)
+        return convt(
+            x, weight, bias, geo.stride, padding, geo.output_padding, geo.groups, geo.dilation
+        )
+    x = pad_input(x, geo.padding, geo.padding_mode)
+    return conv(x, weight, bias, geo.stride, 0, geo.dilation, geo.groups)
+
+
+def pad_input(x: Tensor, pairs: Sequence[tuple[int, int]], mode: str) -> Tensor:
+    """Apply per-dim (left, right) padding; negative amounts crop."""
+    crop = [min(a, 0) for pair in reversed(pairs) for a in pair]
+    grow = [max(a, 0) for pair in reversed(pairs) for a in pair]
+    if any(crop):
+        x = F.pad(x, crop)
+    if any(grow):
+        x = F.pad(x, grow, mode="constant" if mode == "zeros" else mode)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Argument binding for functional forms
+# --------------------------------------------------------------------------------------------
+
+_CONVT_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "output_padding",
+    "groups",
+    "dilation",
+)
+_SIGNATURES: dict[Callable[..., Any], tuple[str, ...]] = {
+    F.conv1d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    F.conv3d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    F.conv_transpose1d: _CONVT_ARGS,
+    F.conv_transpose2d: _CONVT_ARGS,
+    F.conv_transpose3d: _CONVT_ARGS,
+    F.linear: ("input", "weight", "bias"),
+    F.pad: ("input", "pad", "mode", "value"),
+    F.batch_norm: (
+        "input",
+        "running_mean",
+        "running_var",
+        "weight",
+        "bias",
+        "training",
+        "momentum",
+        "eps",
+    ),
+    torch.batch_norm: (
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "training",
+        "momentum",
+        "eps",
+        "cudnn_enabled",
+    ),
+}
+_DEFAULTS: dict[str, Any] = {
+    "bias": None,
+    "stride": 1,
+    "padding": 0,
+    "dilation": 1,
+    "groups": 1,
+    "output_padding": 0,
+    "weight": None,
+    "training": False,
+    "momentum": 0.1,
+    "eps": 1e-5,
+    "mode": "constant",
+    "value": None,
+    "cudnn_enabled": True,
+}
+
+
+@functools.cache
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def bind_arguments(fn: Callable[..., Any], node: Node) -> dict[str, Any] | None:
+    """The node's arguments by parameter name, defaults filled in; ``None`` if they do not bind."""
+    names = _SIGNATURES.get(fn)
+    if names is None:
+        signature = _signature(fn)
+        if signature is None:
+            return None
+        try:
+            bound = signature.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    if len(node.args) > len(names) or not set(node.kwargs) <= set(names):
+        return None
+    args = dict(zip(names, node.args, strict=False))
+    if set(args) & set(node.kwargs):
+        return None
+    args.update(node.kwargs)
+    for name in names:
+        args.setdefault(name, _DEFAULTS.get(name))
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Conv / linear
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvView:
+    """A conv, transposed conv or linear layer: ``node = W ⋆ input + b`` with ``geometry``.
+
+    ``input`` is the value actually read, after any pads/crops folded into ``geometry.padding``.
+    ``weight``/``bias`` are the layer's tensors as stored (any dtype; float64 for a
+    :class:`FusedLayer`); ``dtype`` is the dtype of the layer's output.
+    """
+
+    node: Node
+    input: Node
+    weight: Tensor
+    bias: Tensor | None
+    geometry: ConvGeometry | None  # None for a linear layer
+    kind: str
+    dtype: torch.dtype
+    sources: tuple[str, ...]
+    requires_grad: bool
+    name: str  # a module path for the layer (a hint for naming what replaces it)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def transposed(self) -> bool:
+        return self.kind == "conv_transpose"
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.geometry is None else self.geometry.groups
+
+    @property
+    def ndim(self) -> int:
+        return 0 if self.geometry is None else self.geometry.ndim
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[1] * self.groups if self.transposed else self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[0] if self.transposed else self.weight.shape[1] * self.groups
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    def describe(self) -> str:
+        """``3x3 conv``, ``1x1 conv s2 g4``, ``linear``: what a person would call it."""
+        if self.geometry is None:
+            return "linear"
+        geo = self.geometry
+        text = "x".join(map(str, self.kernel_size)) + (
+            " conv_transpose" if self.transposed else " conv"
+        )
+        for label, values in (("s", geo.stride), ("d", geo.dilation)):
+            if any(v != 1 for v in values):
+                text += f" {label}" + "x".join(
+                    map(str, sorted(set(values)) if len(set(values)) == 1 else values)
+                )
+        if geo.groups != 1:
+            text += f" g{geo.groups}"
+        return text
+
+
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONVT_FUNCTIONS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+
+
+def module_path_of(node: Node) -> str:
+    """The module a node belongs to, as a dotted path ('' for the root)."""
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "get_attr":
+        return str(node.target).rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return str(next(reversed(stack.values()))[0])
+    return ""
+
+
+def as_conv(node: Node, consts: Constants) -> ConvView | None:
+    """View ``node`` as a conv/linear layer with constant weights, or ``None``."""
+    if node.op == "call_module":
+        return _conv_from_module(node, consts)
+    if node.op != "call_function":
+        return None
+    if node.target is fused_layer:
+        x, layer = node.args
+        assert isinstance(x, Node) and isinstance(layer, FusedLayer)
+        return ConvView(
+            node,
+            x,
+            layer.weight,
+            layer.bias,
+            layer.geometry,
+            layer.kind,
+            layer.dtype,
+            layer.sources,
+            layer.requires_grad,
+            layer.name,
+        )
+    fn = node.target
+    if fn in _CONV_FUNCTIONS or fn in _CONVT_FUNCTIONS or fn is F.linear:
+        return _conv_from_function(node, fn, consts)
+    return None
+
+
+def _float_weights(weight: Any, bias: Any) -> bool:
+    return (
+        isinstance(weight, Tensor)
+        and weight.is_floating_point()
+        and not isinstance(weight, nn.parameter.UninitializedParameter)
+        and weight.device.type != "meta"
+        and (bias is None or isinstance(bias, Tensor))
+    )
+
+
+def _conv_from_module(node: Node, consts: Constants) -> ConvView | None:
+    module = consts.module(str(node.target))
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], Node):
+        return None  # e.g. ConvTranspose2d(x, output_size=...)
+    if not isinstance(module, (nn.Linear, _ConvNd)):
+        return None
+    methods = ("_conv_forward",) if isinstance(module, _CONV_MODULES) else ()
+    if not inherits_forward(module, *methods) or not _float_weights(module.weight, module.bias):
+        return None
+    x = node.args[0]
+    sources = (str(node.target),)
+    grad = module.weight.requires_grad
+    if isinstance(module, nn.Linear):
+        return ConvView(
+            node,
+            x,
+            module.weight,
+            module.bias,
+            None,
+            "linear",
+            module.weight.dtype,
+            sources,
+            grad,
+            sources[0],
+        )
+    if isinstance(module, _CONVT_MODULES):
+        geo = _transposed_geometry(
+            module.stride,
+            module.padding,
+            module.output_padding,
+            module.dilation,
+            module.groups,
+            len(module.kernel_size),
+        )
+        if geo is None or module.padding_mode != "zeros":
+            return None
+        return ConvView(
+            node,
+            x,
+            module.weight,
+            module.bias,
+            geo,
+            "conv_transpose",
+            module.weight.dtype,
+            sources,
+            grad,
+            sources[0],
+        )
+    if isinstance(module, _CONV_MODULES) and not isinstance(module, _ConvTransposeNd):
+        assert isinstance(module, _ConvNd)
+        own = Padding(
+            _padding_pairs(module.padding, module.kernel_size, module.dilation),
+            module.padding_mode,
+        )
+        source, padding = peel_padding(x, own, consts)
+        geo = ConvGeometry(
+            tuple(module.stride), padding.pairs, tuple(module.dilation), module.groups, padding.mode
+        )
+        return ConvView(
+            node,
+            source,
+            module.weight,
+            module.bias,
+            geo,
+            "conv",
+            module.weight.dtype,
+            sources,
+            grad,
+            sources[0],
+        )
+    return None
+
+
+def _transposed_geometry(
+    stride: Any, padding: Any, output_padding: Any, dilation: Any, groups: Any, n: int
+) -> ConvGeometry | None:
+    if isinstance(padding, str) or not isinstance(groups, int):
+        return None
+    try:
+        return ConvGeometry(
+            _tuple(stride, n),
+            tuple((p, p) for p in _tuple(padding, n)),
+            _tuple(dilation, n),
+            groups,
+            "zeros",
+            True,
+            _tuple(output_padding, n),
+        )
+    except TypeError:
+        return None
+
+
+def _conv_from_function(node: Node, fn: Any, consts: Constants) -> ConvView | None:
+    args = bind_arguments(fn, node)
+    if args is None or not isinstance(args["input"], Node):
+        return None
+    weight = consts.tensor(args["weight"])
+    bias = None if args["bias"] is None else consts.tensor(args["bias"])
+    if not _float_weights(weight, bias) or (args["bias"] is not None and bias is None):
+        return None
+    assert weight is not None
+    nodes = [a for a in (args["weight"], args["bias"]) if isinstance(a, Node)]
+    sources = tuple(dict.fromkeys(module_path_of(n) for n in [node, *nodes]))
+    grad = weight.requires_grad
+    path = module_path_of(node)
+    name = f"{path}.{fn.__name__}" if path else fn.__name__
+    if fn is F.linear:
+        return ConvView(
+            node, args["input"], weight, bias, None, "linear", weight.dtype, sources, grad, name
+        )
+    if fn in _CONVT_FUNCTIONS:
+        geo = _transposed_geometry(
+            args["stride"],
+            args["padding"],
+            args["output_padding"],
+            args["dilation"],
+            args["groups"],
+            _CONVT_FUNCTIONS[fn],
+        )
+        if geo is None:
+            return None
+        return ConvView(
+            node,
+            args["input"],
+            weight,
+            bias,
+            geo,
+            "conv_transpose",
+            weight.dtype,
+            sources,
+            grad,
+            name,
+        )
+    n = _CONV_FUNCTIONS[fn]
+    if not all(
+        isinstance(args[k], (int, tuple, list, str)) for k in ("stride", "padding", "dilation")
+    ):
+        return None
+    if not isinstance(args["groups"], int):
+        return None
+    dilation = _tuple(args["dilation"], n)
+    own = Padding(_padding_pairs(args["padding"], weight.shape[2:], dilation))
+    source, padding = peel_padding(args["input"], own, consts)
+    geo = ConvGeometry(
+        _tuple(args["stride"], n), padding.pairs, dilation, args["groups"], padding.mode
+    )
+    return ConvView(node, source, weight, bias, geo, "conv", weight.dtype, sources, grad, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch norm
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchNormView:
+    """``node = BN(input)``. ``uses_batch_stats``: training mode or no running statistics."""
+
+    node: Node
+    input: Node
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    uses_batch_stats: bool
+    # the spatial dims its input may have (BatchNorm2d: {2}; BatchNorm1d: {0, 1}); None: any
+    ndims: frozenset[int] | None
+    sources: tuple[str, ...]
+
+    @property
+    def num_features(self) -> int:
+        for t in (self.running_mean, self.weight, self.bias):
+            if t is not None:
+                return t.numel()
+        return -1
+
+
+_BN_NDIMS = {
+    nn.BatchNorm1d: frozenset({0, 1}),
+    nn.BatchNorm2d: frozenset({2}),
+    nn.BatchNorm3d: frozenset({3}),
+}
+
+
+def as_batch_norm(node: Node, consts: Constants) -> BatchNormView | None:
+    """View ``node`` as a batch norm, or ``None``. Training-mode BNs are views too (so a rule
+    can say why it declines them)."""
+    if node.op == "call_module":
+        module = consts.module(str(node.target))
+        if not isinstance(module, _BatchNorm) or len(node.args) != 1 or node.kwargs:
+            return None
+        if not (inherits_forward(module) or isinstance(module, nn.SyncBatchNorm)):
+            return None
+        ndims = next((n for cls, n in _BN_NDIMS.items() if isinstance(module, cls)), None)
+        batch_stats = module.training or module.running_mean is None
+        return BatchNormView(
+            node,
+            node.args[0],
+            module.running_mean,
+            module.running_var,
+            module.weight,
+            module.bias,
+            float(module.eps),
+            batch_stats,
+            ndims,
+            (str(node.target),),
+        )
+    if node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
+        args = bind_arguments(node.target, node)
+        if args is None or not isinstance(args["input"], Node):
+            return None
+        tensors = {}
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            value = args[name]
+            tensors[name] = None if value is None else consts.tensor(value)
+            if value is not None and tensors[name] is None:
+                return None  # a statistic computed at run time
+        batch_stats = bool(args["training"]) or tensors["running_mean"] is None
+        nodes = [a for a in args.values() if isinstance(a, Node) and a is not args["input"]]
+        sources = tuple(dict.fromkeys(module_path_of(n) for n in [node, *nodes]))
+        if not isinstance(args["eps"], (int, float)) or not isinstance(args["training"], bool):
+            return None
+        return BatchNormView(
+            node,
+            args["input"],
+            tensors["running_mean"],
+            tensors["running_var"],
+            tensors["weight"],
+            tensors["bias"],
+            float(args["eps"]),
+            batch_stats,
+            None,
+            sources,
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Linear combinations: sums, differences and constant scales
+# --------------------------------------------------------------------------------------------
+
+_ADD = {operator.add, operator.iadd, torch.add}
+_SUB = {operator.sub, operator.isub, torch.sub}
+_MUL = {operator.mul, operator.imul, torch.mul}
+_DIV = {operator.truediv, operator.itruediv, torch.div}
+_NEG = {operator.neg, torch.neg}
+_METHODS = {
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "neg": torch.neg,
+}
+
+
+@dataclass
+class Combination:
+    """``root = Σ coefficient_i · term_i + Σ coefficient_j · constant_j``, flattened through
+    single-use nodes.
+
+    Coefficients are float64 tensors that broadcast against the terms (0-d for a scalar);
+    a constant is a python number or a node holding a constant tensor. ``interior`` are the
+    add/sub/mul nodes that disappear with the root.
+    """
+
+    root: Node
+    terms: list[tuple[Tensor, Node]] = field(default_factory=list)
+    constants: list[tuple[Tensor, Node | float]] = field(default_factory=list)
+    interior: list[Node] = field(default_factory=list)
+
+
+def _scalar(value: Any) -> Tensor | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def constant_value(arg: Any, consts: Constants) -> Tensor | None:
+    """A python number or a constant floating tensor as float64, else ``None``."""
+    scalar = _scalar(arg)
+    if scalar is not None:
+        return scalar
+    if isinstance(arg, Node):
+        t = consts.tensor(arg)
+        if t is not None and t.is_floating_point() and t.device.type != "meta":
+            return t.detach().to(torch.float64)
+    return None
+
+
+def _linear_operands(node: Node, consts: Constants) -> list[tuple[Tensor, Any]] | None:
+    """``node`` as ``Σ factor · operand`` if it is an add/sub/neg or a scale by a constant."""
+    if node.op == "call_method":
+        fn = _METHODS.get(str(node.target))
+    elif node.op == "call_function":
+        fn = node.target
+    else:
+        return None
+    one = torch.tensor(1.0, dtype=torch.float64)
+    kwargs = dict(node.kwargs)
+    if fn in _ADD or fn in _SUB:
+        if len(node.args) != 2 or set(kwargs) - {"alpha"}:
+            return None
+        alpha = _scalar(kwargs.get("alpha", 1))
+        if alpha is None:
+            return None
+        if fn in _SUB:
+            alpha = -alpha
+        a, b = node.args
+        in_place = fn is operator.iadd or fn is operator.isub
+        if in_place and (not isinstance(a, Node) or len(a.users) != 1):
+            return None  # in place on a value someone else reads
+        return [(one, a), (alpha, b)]
+    if fn in _NEG:
+        return [(-one, node.args[0])] if len(node.args) == 1 and not kwargs else None
+    if fn in _MUL or fn in _DIV:
+        if len(node.args) != 2 or kwargs.get("rounding_mode") is not None:
+            return None
+        if set(kwargs) - {"rounding_mode"}:
+            return None
+        a, b = node.args
+        cb = constant_value(b, consts)
+        if fn in _DIV:
+            if cb is None or not isinstance(a, Node) or bool((cb == 0).any()):
+                return None
+            return [(1.0 / cb, a)] if _per_channel_shape(cb) else None
+        ca = constant_value(a, consts)
+        if cb is not None and isinstance(a, Node) and ca is None and _per_channel_shape(cb):
+            return [(cb, a)]
+        if ca is not None and isinstance(b, Node) and cb is None and _per_channel_shape(ca):
+            return [(ca, b)]
+    return None
+
+
+def _per_channel_shape(t: Tensor) -> bool:
+    """A scalar, or ``(…1, C, 1, …, 1)``: something that can scale output channels."""
+    dims = [s for s in t.shape]
+    while dims and dims[0] == 1:
+        dims.pop(0)
+    return all(s == 1 for s in dims[1:])
+
+
+def _absorbs(user: Node, node: Node, consts: Constants) -> bool:
+    operands = _linear_operands(user, consts)
+    return operands is not None and any(op is node for _, op in operands)
+
+
+def as_combination(node: Node, consts: Constants) -> Combination | None:
+    """Flatten the linear combination rooted at ``node``; ``None`` if ``node`` is not the root.
+
+    A node inside a bigger combination (its only user absorbs it) is not a root: the
+    combination is matched once, at its top.
+    """
+    if _linear_operands(node, consts) is None:
+        return None
+    if len(node.users) == 1 and _absorbs(next(iter(node.users)), node, consts):
+        return None
+    combo = Combination(node)
+    _flatten(node, torch.tensor(1.0, dtype=torch.float64), combo, consts, root=True)
+    return combo
+
+
+def _flatten(
+    node: Node, coefficient: Tensor, combo: Combination, consts: Constants, *, root: bool = False
+) -> None:
+    operands = None if not root and len(node.users) != 1 else _linear_operands(node, consts)
+    if operands is None:
+        combo.terms.append((coefficient, node))
+        return
+    combo.interior.append(node)
+    for factor, operand in operands:
+        c = coefficient * factor
+        if constant_value(operand, consts) is not None:
+            combo.constants.append((c, operand))
+        elif isinstance(operand, Node):
+            _flatten(operand, c, combo, consts)
+        else:
+            raise TypeError(f"unexpected operand {operand!r} in {node.format_node()}")
+
+
+def iter_users(nodes: Iterable[Node]) -> list[Node]:
+    """All users of ``nodes``, each once, in no particular order."""
+    return list(dict.fromkeys(u for n in nodes for u in n.users))

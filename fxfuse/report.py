@@ -1,0 +1,169 @@
+"""What a fusion run did, in a form a person can read and a program can check."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from fxfuse.ops import FusedLayer, fused_layer
+
+__all__ = ["Decline", "FusionReport", "GraphStats", "Rewrite", "graph_stats"]
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One rule firing: ``rule`` rewrote the op at ``node``; ``detail`` says into what."""
+
+    rule: str
+    node: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A place where ``rule``'s pattern matched but its conditions did not hold, and why."""
+
+    rule: str
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    """Ops in a graph, counted statically (each call site once)."""
+
+    convs: int
+    batch_norms: int
+    linears: int
+    parameters: int
+    nodes: int
+
+
+_CONV_FNS = {
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+}
+_BN_FNS = {F.batch_norm, torch.batch_norm}
+
+
+def _aten(name: str) -> set[Any]:
+    ops = set()
+    for overload in ("default",):
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None and hasattr(packet, overload):
+            ops.add(getattr(packet, overload))
+    return ops
+
+
+_ATEN_CONV = _aten("convolution") | _aten("conv2d") | _aten("conv1d") | _aten("conv3d")
+_ATEN_BN = (
+    _aten("_native_batch_norm_legit_no_training")
+    | _aten("batch_norm")
+    | _aten("native_batch_norm")
+    | _aten("_native_batch_norm_legit")
+)
+
+
+def _kind(node: Node, gm: GraphModule) -> str | None:
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, _ConvNd):
+            return "conv"
+        if isinstance(module, _BatchNorm):
+            return "bn"
+        if isinstance(module, nn.Linear):
+            return "linear"
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target is fused_layer:
+        layer = node.args[1]
+        assert isinstance(layer, FusedLayer)
+        return "linear" if layer.kind == "linear" else "conv"
+    if node.target in _CONV_FNS or node.target in _ATEN_CONV:
+        return "conv"
+    if node.target in _BN_FNS or node.target in _ATEN_BN:
+        return "bn"
+    if node.target is F.linear:
+        return "linear"
+    return None
+
+
+def graph_stats(gm: GraphModule, parameters: int | None = None) -> GraphStats:
+    """Count convs, batch norms, linear layers and nodes in ``gm``'s graph.
+
+    ``parameters`` defaults to the number of elements in ``gm.parameters()``.
+    """
+    kinds = Counter(_kind(n, gm) for n in gm.graph.nodes)
+    if parameters is None:
+        parameters = sum(p.numel() for p in gm.parameters())
+    return GraphStats(kinds["conv"], kinds["bn"], kinds["linear"], parameters, len(gm.graph.nodes))
+
+
+@dataclass
+class FusionReport:
+    """What :func:`fxfuse.optimize` did.
+
+    ``rewrites`` lists every rule firing; ``declines`` every place a rule's pattern matched but
+    a condition failed, with the reason; ``notes`` what was left alone and why (quantized
+    modules, training-mode layers); ``before``/``after`` count ops; ``timings`` are seconds per
+    phase. ``str(report)`` is a table for people, :meth:`to_dict` is for programs.
+    """
+
+    capture: str
+    before: GraphStats
+    after: GraphStats | None = None
+    rewrites: list[Rewrite] = field(default_factory=list)
+    declines: list[Decline] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["counts"] = dict(self.counts)
+        return data
+
+    def __str__(self) -> str:
+        lines = [f"fxfuse report (captured with {self.capture})"]
+        after = self.after or self.before
+        rows = [("", "before", "after")]
+        for name in ("convs", "batch_norms", "linears", "parameters", "nodes"):
+            rows.append(
+                (
+                    name.replace("_", " "),
+                    f"{getattr(self.before, name):,}",
+                    f"{getattr(after, name):,}",
+                )
+            )
+        width = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            lines.append(f"  {r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}")
+        if self.counts:
+            lines.append("rules fired:")
+            for rule, count in sorted(self.counts.items()):
+                lines.append(f"  {rule:<22} {count:>5}")
+        else:
+            lines.append("rules fired: none")
+        if self.declines:
+            lines.append(f"declined ({len(self.declines)}):")
+            for d in self.declines:
+                lines.append(f"  {d.rule} at {d.node}: {d.reason}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        if self.timings:
+            timing = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.timings.items())
+            lines.append(f"time: {timing}")
+        return "\n".join(lines)

@@ -1,0 +1,420 @@
+"""Declarative rewrite rules and the bounded fixpoint driver that runs them.
+
+A rule is three small methods (after onnxscript's rewriter and MLIR's DRR):
+
+- :meth:`Rule.matches` says the *structure*: which ops, connected how, with ``users == 1``
+  where a node must disappear. It yields :class:`Match` objects and decides nothing else.
+- :meth:`Rule.check` says the *conditions* and returns a reason when they fail. Every reason
+  ends up in the report, so a user learns why a block did not fuse.
+- :meth:`Rule.rewrite` builds the replacement of ``match.root`` and checks nothing.
+
+:class:`RuleSet` groups rules into stages; :meth:`RuleSet.run` runs each stage with a worklist
+(every node once, then only what a rewrite touched) and repeats the stages until a full round
+changes nothing. The number of rewrites and rounds is bounded: a rule set that does not settle
+raises :class:`ConvergenceError` naming the rule that kept firing.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.padding import (
+    _CircularPadNd,
+    _ConstantPadNd,
+    _ReflectionPadNd,
+    _ReplicationPadNd,
+)
+
+from fxfuse.errors import ConvergenceError
+from fxfuse.ops import (
+    BatchNormView,
+    Combination,
+    ConvGeometry,
+    ConvView,
+    FusedLayer,
+    as_batch_norm,
+    as_combination,
+    as_conv,
+    fused_layer,
+)
+from fxfuse.report import Decline, Rewrite
+
+__all__ = ["FusionOptions", "Match", "RewriteContext", "Rule", "RuleSet", "Stage"]
+
+log = logging.getLogger("fxfuse")
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    """Knobs the rules read.
+
+    ``max_flops_ratio``: a merge may cost a little more arithmetic than the branches it
+    replaces (a dilated 3×3 beside a 3×3 spreads into a 5×5: 25 taps instead of 18), since
+    one conv saves a pass over memory per branch; it never may cost more than this factor,
+    which stops a depthwise kernel from being densified (≈ 9C/(C+9)×).
+    """
+
+    max_flops_ratio: float = 1.5
+    max_rounds: int = 16
+
+
+@dataclass
+class Match:
+    """What a rule's pattern found. ``root`` is the node the rewrite replaces.
+
+    ``excluded`` lists nodes the pattern saw but left out, with the reason (a branch whose
+    output has another consumer, say); they are reported as declines.
+    """
+
+    root: Node
+    excluded: list[tuple[Node, str]] = field(default_factory=list, kw_only=True)
+
+
+MatchT = TypeVar("MatchT", bound=Match)
+
+
+class Rule(ABC, Generic[MatchT]):
+    """A declarative rewrite: pattern (:meth:`matches`), conditions (:meth:`check`),
+    replacement (:meth:`rewrite`). Subclasses set ``name`` (kebab-case) and ``formula``
+    (``before -> after``)."""
+
+    name: ClassVar[str] = ""
+    formula: ClassVar[str] = ""
+
+    @abstractmethod
+    def matches(self, node: Node, ctx: RewriteContext) -> Iterable[MatchT]:
+        """Structural matches anchored at ``node`` (usually zero or one)."""
+
+    def check(self, match: MatchT, ctx: RewriteContext) -> str | None:
+        """``None`` when the rewrite is exact here; otherwise the reason it is not."""
+        return None
+
+    @abstractmethod
+    def rewrite(self, match: MatchT, ctx: RewriteContext) -> Node:
+        """Build the replacement of ``match.root`` (inserted before it) and return it."""
+
+    def describe(self, match: MatchT) -> str:
+        """One line for the report: what this firing turned into what."""
+        return self.formula
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name}: {self.formula}>"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Rules that run together to a fixpoint; earlier rules are tried first at each node."""
+
+    name: str
+    rules: tuple[Rule[Any], ...]
+
+
+class RuleSet:
+    """Stages of rules, run in order and repeated until a whole round changes nothing."""
+
+    def __init__(self, stages: Iterable[Stage]):
+        self.stages = tuple(stages)
+        names = [r.name for s in self.stages for r in s.rules]
+        if any(not n for n in names):
+            raise ValueError("every rule needs a name")
+
+    @classmethod
+    def of(cls, rules: Iterable[Rule[Any]]) -> RuleSet:
+        """A rule set with one stage."""
+        return cls([Stage("rules", tuple(rules))])
+
+    def with_rules(self, *rules: Rule[Any], stage: str | None = None) -> RuleSet:
+        """A copy with ``rules`` appended to ``stage`` (by name; default: the last stage)."""
+        target = stage or self.stages[-1].name
+        if target not in {s.name for s in self.stages}:
+            raise ValueError(f"no stage {target!r}; stages are {[s.name for s in self.stages]}")
+        return RuleSet(
+            Stage(s.name, s.rules + rules) if s.name == target else s for s in self.stages
+        )
+
+    @property
+    def rules(self) -> tuple[Rule[Any], ...]:
+        return tuple(r for s in self.stages for r in s.rules)
+
+    def __iter__(self) -> Iterator[Rule[Any]]:
+        return iter(self.rules)
+
+    def __repr__(self) -> str:
+        return (
+            "RuleSet("
+            + "; ".join(f"{s.name}: {', '.join(r.name for r in s.rules)}" for s in self.stages)
+            + ")"
+        )
+
+    def run(self, ctx: RewriteContext) -> None:
+        """Rewrite ``ctx.gm``'s graph until no rule fires (bounded)."""
+        budget = 4 * len(ctx.graph.nodes) + 64
+        for _ in range(ctx.options.max_rounds):
+            fired = sum(_run_stage(stage, ctx, budget) for stage in self.stages)
+            if not fired:
+                return
+        raise ConvergenceError(
+            f"rules still firing after {ctx.options.max_rounds} rounds "
+            f"(counts so far: {dict(ctx.counts)}); a rule set that does not settle is a bug"
+        )
+
+
+def _run_stage(stage: Stage, ctx: RewriteContext, budget: int) -> int:
+    fired = 0
+    ctx._begin(ctx.graph.nodes)
+    while (node := ctx._next()) is not None:
+        for rule in stage.rules:
+            if _try_rule(rule, node, ctx):
+                fired += 1
+                if len(ctx.rewrites) > budget:
+                    raise ConvergenceError(
+                        f"more than {budget} rewrites on a graph of {len(ctx.graph.nodes)} "
+                        f"nodes; rule {rule.name!r} keeps firing (last at {node.name})"
+                    )
+                break
+    return fired
+
+
+def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
+    ctx._forget(rule, node)
+    for match in rule.matches(node, ctx):
+        for subject, why in match.excluded:
+            ctx._decline(rule, subject, why, sticky=True)
+        reason = rule.check(match, ctx)
+        if reason is not None:
+            ctx._decline(rule, match.root, reason)
+            log.debug("%s declined at %s: %s", rule.name, match.root.name, reason)
+            continue
+        detail = rule.describe(match)
+        root_name = match.root.name
+        with ctx.graph.inserting_before(match.root):
+            new = rule.rewrite(match, ctx)
+        ctx.replace(match.root, new)
+        ctx.counts[rule.name] += 1
+        ctx.rewrites.append(Rewrite(rule.name, root_name, detail))
+        log.debug("%s at %s: %s", rule.name, root_name, detail)
+        return True
+    return False
+
+
+_ERASABLE_MODULES = (
+    _ConvNd,
+    nn.Linear,
+    nn.Identity,
+    _DropoutNd,
+    _ConstantPadNd,
+    _ReflectionPadNd,
+    _ReplicationPadNd,
+    _CircularPadNd,
+)
+
+
+class RewriteContext:
+    """What rules see: the graph, views of its ops, and the few ways to build new nodes.
+
+    It resolves constants (attributes of the module, or graph inputs bound to tensors when the
+    graph comes from ``torch.compile``), so views and rules never read modules themselves.
+    """
+
+    def __init__(
+        self,
+        gm: GraphModule,
+        options: FusionOptions | None = None,
+        bound: dict[Node, Tensor] | None = None,
+    ):
+        self.gm = gm
+        self.graph = gm.graph
+        self.options = options or FusionOptions()
+        self.bound = bound or {}
+        self.counts: Counter[str] = Counter()
+        self.rewrites: list[Rewrite] = []
+        self._declines: dict[tuple[str, Node], tuple[str, bool]] = {}
+        self._modules: dict[str, nn.Module] = dict(gm.named_modules())
+        self._queue: deque[Node] = deque()
+        self._queued: set[Node] = set()
+        self._constants = 0
+
+    # -- constants --------------------------------------------------------------------------
+
+    def tensor(self, arg: Any) -> Tensor | None:
+        """The tensor ``arg`` always holds (an attribute or a bound input), else ``None``."""
+        if not isinstance(arg, Node):
+            return None
+        if arg.op == "get_attr":
+            value = self._attribute(str(arg.target))
+            return value if isinstance(value, Tensor) else None
+        return self.bound.get(arg)
+
+    def module(self, target: str) -> nn.Module:
+        module = self._modules.get(target)
+        if module is None:
+            module = self.gm.get_submodule(target)
+            self._modules[target] = module
+        return module
+
+    def _attribute(self, target: str) -> Any:
+        owner, _, name = target.rpartition(".")
+        return getattr(self.module(owner) if owner else self.gm, name, None)
+
+    # -- views -----------------------------------------------------------------------------
+
+    def conv(self, node: Node) -> ConvView | None:
+        return as_conv(node, self)
+
+    def batch_norm(self, node: Node) -> BatchNormView | None:
+        return as_batch_norm(node, self)
+
+    def combination(self, node: Node) -> Combination | None:
+        return as_combination(node, self)
+
+    def shape(self, node: Node) -> torch.Size | None:
+        """The node's shape where the graph carries it (``meta["val"]``/``tensor_meta``)."""
+        val = node.meta.get("val", node.meta.get("example_value"))
+        if isinstance(val, Tensor):
+            return val.shape
+        meta = node.meta.get("tensor_meta")
+        return getattr(meta, "shape", None)
+
+    # -- building (call these from Rule.rewrite: nodes go before the match's root) ----------
+
+    def fused(
+        self,
+        input: Node,
+        *,
+        kind: str,
+        weight: Tensor,
+        bias: Tensor | None,
+        geometry: ConvGeometry | None,
+        like: ConvView,
+        sources: Sequence[str],
+        name: str,
+        requires_grad: bool | None = None,
+    ) -> Node:
+        """A new layer computing ``weight ⋆ input + bias`` exactly (float64), in ``like``'s dtype
+        and device."""
+        layer = FusedLayer(
+            kind,
+            weight,
+            bias,
+            geometry,
+            like.dtype,
+            like.device,
+            tuple(dict.fromkeys(sources)),
+            name,
+            like.requires_grad if requires_grad is None else requires_grad,
+        )
+        return self.graph.call_function(fused_layer, (input, layer))
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Node:
+        """A new ``call_function`` node."""
+        return self.graph.call_function(fn, args, kwargs)
+
+    def constant(self, value: Tensor, hint: str = "constant") -> Node:
+        """A new attribute holding ``value`` (a buffer of the module) and its ``get_attr``."""
+        name = f"_fxfuse_{hint}_{self._constants}"
+        self._constants += 1
+        self.gm.register_buffer(name, value.detach().clone())
+        return self.graph.get_attr(name)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Count a sub-event for the report (e.g. an identity turned into a kernel)."""
+        self.counts[name] += n
+
+    # -- graph surgery (the driver's) --------------------------------------------------------
+
+    def replace(self, old: Node, new: Node) -> None:
+        """Point every user of ``old`` at ``new``, drop what became dead, and requeue."""
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in old.meta and key not in new.meta:
+                new.meta[key] = old.meta[key]
+        old.replace_all_uses_with(new)
+        self._erase_dead(old)
+        self._push(new)
+        for user in new.users:
+            self._push_upwards(user)
+
+    def _erasable(self, node: Node) -> bool:
+        if node.users or node.op in ("placeholder", "output"):
+            return False
+        if node.op == "get_attr":
+            return True
+        if node.op == "call_module":
+            module = self.module(str(node.target))
+            return isinstance(module, _ERASABLE_MODULES) or (
+                isinstance(module, _BatchNorm) and not module.training
+            )
+        if node.op == "call_method" and str(node.target).endswith("_"):
+            return False
+        return not node.is_impure()
+
+    def _erase_dead(self, node: Node) -> None:
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if getattr(n, "_erased", False) or not self._erasable(n):
+                continue
+            inputs = n.all_input_nodes
+            self.graph.erase_node(n)
+            for key in [k for k in self._declines if k[1] is n]:
+                del self._declines[key]
+            for i in inputs:
+                if i.users:
+                    for user in i.users:  # its user count changed: patterns may match now
+                        self._push_upwards(user)
+                else:
+                    stack.append(i)
+
+    # -- worklist ----------------------------------------------------------------------------
+
+    def _begin(self, nodes: Iterable[Node]) -> None:
+        self._queue = deque(nodes)
+        self._queued = set(self._queue)
+
+    def _next(self) -> Node | None:
+        while self._queue:
+            node = self._queue.popleft()
+            self._queued.discard(node)
+            if not getattr(node, "_erased", False):
+                return node
+        return None
+
+    def _push(self, node: Node) -> None:
+        if node not in self._queued and not getattr(node, "_erased", False):
+            self._queue.append(node)
+            self._queued.add(node)
+
+    def _push_upwards(self, node: Node) -> None:
+        """Queue ``node`` and the single-use chain above it (the roots of sums it is in)."""
+        for _ in range(64):
+            self._push(node)
+            if len(node.users) != 1:
+                return
+            node = next(iter(node.users))
+
+    # -- declines ----------------------------------------------------------------------------
+
+    def _decline(self, rule: Rule[Any], subject: Node, reason: str, sticky: bool = False) -> None:
+        self._declines[(rule.name, subject)] = (reason, sticky)
+
+    def _forget(self, rule: Rule[Any], node: Node) -> None:
+        entry = self._declines.get((rule.name, node))
+        if entry is not None and not entry[1]:
+            del self._declines[(rule.name, node)]
+
+    def declines(self) -> list[Decline]:
+        """Declines that still stand, in graph order."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        live = [(k, v) for k, v in self._declines.items() if k[1] in order]
+        live.sort(key=lambda kv: (order[kv[0][1]], kv[0][0]))
+        return [Decline(rule, node.name, reason) for (rule, node), (reason, _) in live]
