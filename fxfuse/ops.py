@@ -17,6 +17,7 @@ check it instead of assuming it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import operator
@@ -52,6 +53,7 @@ __all__ = [
     "as_combination",
     "as_conv",
     "bind_arguments",
+    "channel_vector",
     "constant_value",
     "fused_layer",
     "inherits_forward",
@@ -137,7 +139,7 @@ def _padding_pairs(
 class Padding:
     """Padding accumulated between a value and the op that reads it: (left, right) per spatial dim.
 
-    Negative amounts are crops. ``mode`` is the padding mode of the positive amounts.
+    Negative amounts are crops, applied first; then the positive amounts pad with ``mode``.
     """
 
     pairs: tuple[tuple[int, int], ...]
@@ -147,16 +149,24 @@ class Padding:
     def positive(self) -> bool:
         return any(a > 0 for pair in self.pairs for a in pair)
 
-    def around(self, inner: Padding) -> Padding | None:
-        """This padding applied to the result of ``inner``, as one padding; ``None`` if not exact.
+    def around(self, inner: Padding) -> Padding | str:
+        """This padding applied to the result of ``inner``, as one padding; or why it is not one.
 
         Per side, with inner amount ``a`` and outer ``e``: a crop of a padded value removes the
         padding first (``a + e``, exact for every mode); padding a cropped value fills with zeros
         where real values were, which no single padding expresses; two zero paddings add up.
+        Circular padding reads the opposite end, which a crop moves: a dim that is both cropped
+        and padded circularly is never folded (the merge would move the crop).
         """
         pairs = []
         modes = set()
         for (a_left, a_right), (e_left, e_right) in zip(inner.pairs, self.pairs, strict=True):
+            amounts = (a_left, a_right, e_left, e_right)
+            circular = (inner.mode == "circular" and max(a_left, a_right) > 0) or (
+                self.mode == "circular" and max(e_left, e_right) > 0
+            )
+            if circular and min(amounts) < 0:
+                return "circular padding of a cropped dim wraps to the crop, not the input"
             pair = []
             for a, e in ((a_left, e_left), (a_right, e_right)):
                 if a == 0 or e == 0:
@@ -166,14 +176,16 @@ class Padding:
                     total, mode = a + e, inner.mode
                 elif (a > 0 and e > 0 and inner.mode == self.mode == "zeros") or (a < 0 and e < 0):
                     total, mode = a + e, "zeros"
+                elif a < 0:
+                    return "it pads a cropped value, which no single padding of the input does"
                 else:
-                    return None
+                    return f"{self.mode} padding of {inner.mode}-padded values"
                 if total > 0:
                     modes.add(mode)
                 pair.append(total)
             pairs.append((pair[0], pair[1]))
         if len(modes) > 1:
-            return None
+            return f"it mixes padding modes ({', '.join(sorted(modes))})"
         return Padding(tuple(pairs), modes.pop() if modes else "zeros")
 
 
@@ -227,7 +239,9 @@ def _as_padding_op(node: Node, ndim: int, consts: Constants) -> tuple[Node, Padd
         if mode is None or (mode == "zeros" and args.get("value") not in (None, 0, 0.0)):
             return None
         pairs = _pairs_from_pad_arg(args["pad"], ndim)
-        return None if pairs is None else (args["input"], Padding(pairs, mode))
+        if pairs is None or (mode != "zeros" and min(min(pair) for pair in pairs) < 0):
+            return None  # a negative pad of another mode: leave its semantics to torch
+        return args["input"], Padding(pairs, mode)
     if node.op == "call_function" and node.target is operator.getitem:
         source, index = node.args
         if not isinstance(source, Node):
@@ -267,20 +281,26 @@ def inherits_forward(module: nn.Module, *methods: str) -> bool:
     return True
 
 
-def peel_padding(node: Node, outer: Padding, consts: Constants) -> tuple[Node, Padding]:
+def peel_padding(
+    node: Node, outer: Padding, consts: Constants
+) -> tuple[Node, Padding, tuple[Node, str] | None]:
     """Walk from a conv's input through pads and crops, folding them into the conv's padding.
 
-    Stops at the first op that is not a pad/crop or that does not compose exactly (see
-    :meth:`Padding.around`). Returns the value actually read and the total padding.
+    Returns the value actually read, the total padding, and, when the walk stopped at a pad or
+    crop that does not compose exactly (:meth:`Padding.around`), the value under it and why.
     """
     ndim = len(outer.pairs)
     while True:
         inner = _as_padding_op(node, ndim, consts)
         if inner is None:
-            return node, outer
+            return node, outer, None
         combined = outer.around(inner[1])
-        if combined is None:
-            return node, outer
+        if isinstance(combined, str):
+            return (
+                node,
+                outer,
+                (inner[0], f"{node.name} does not fold into its padding: {combined}"),
+            )
         node, outer = inner[0], combined
 
 
@@ -461,6 +481,8 @@ class ConvView:
     sources: tuple[str, ...]
     requires_grad: bool
     name: str  # a module path for the layer (a hint for naming what replaces it)
+    # where peeling pads/crops stopped short: the value under the op that did not fold, and why
+    barrier: tuple[Node, str] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -535,17 +557,23 @@ def as_conv(node: Node, consts: Constants) -> ConvView | None:
     if node.target is fused_layer:
         x, layer = node.args
         assert isinstance(x, Node) and isinstance(layer, FusedLayer)
+        geo, barrier = layer.geometry, None
+        if layer.kind == "conv" and geo is not None:  # its input may be a pad that did not fold
+            own = Padding(geo.padding, geo.padding_mode)
+            x, padding, barrier = peel_padding(x, own, consts)
+            geo = dataclasses.replace(geo, padding=padding.pairs, padding_mode=padding.mode)
         return ConvView(
             node,
             x,
             layer.weight,
             layer.bias,
-            layer.geometry,
+            geo,
             layer.kind,
             layer.dtype,
             layer.sources,
             layer.requires_grad,
             layer.name,
+            barrier,
         )
     fn = node.target
     if fn in _CONV_FUNCTIONS or fn in _CONVT_FUNCTIONS or fn is F.linear:
@@ -617,7 +645,7 @@ def _conv_from_module(node: Node, consts: Constants) -> ConvView | None:
             _padding_pairs(module.padding, module.kernel_size, module.dilation),
             module.padding_mode,
         )
-        source, padding = peel_padding(x, own, consts)
+        source, padding, barrier = peel_padding(x, own, consts)
         geo = ConvGeometry(
             tuple(module.stride), padding.pairs, tuple(module.dilation), module.groups, padding.mode
         )
@@ -632,6 +660,7 @@ def _conv_from_module(node: Node, consts: Constants) -> ConvView | None:
             sources,
             grad,
             sources[0],
+            barrier,
         )
     return None
 
@@ -705,11 +734,13 @@ def _conv_from_function(node: Node, fn: Any, consts: Constants) -> ConvView | No
         return None
     dilation = _tuple(args["dilation"], n)
     own = Padding(_padding_pairs(args["padding"], weight.shape[2:], dilation))
-    source, padding = peel_padding(args["input"], own, consts)
+    source, padding, barrier = peel_padding(args["input"], own, consts)
     geo = ConvGeometry(
         _tuple(args["stride"], n), padding.pairs, dilation, args["groups"], padding.mode
     )
-    return ConvView(node, source, weight, bias, geo, "conv", weight.dtype, sources, grad, name)
+    return ConvView(
+        node, source, weight, bias, geo, "conv", weight.dtype, sources, grad, name, barrier
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -895,6 +926,18 @@ def _linear_operands(node: Node, consts: Constants) -> list[tuple[Tensor, Any]] 
         if ca is not None and isinstance(b, Node) and cb is None and _per_channel_shape(ca):
             return [(ca, b)]
     return None
+
+
+def channel_vector(t: Tensor, channels: int, ndim: int) -> Tensor | None:
+    """``t`` as a per-output-channel vector of a ``ndim``-d layer's output ``[N, C, *spatial]``,
+    or ``None`` when it broadcasts some other way (or would change the output's rank)."""
+    if t.dim() > ndim + 2:
+        return None
+    if t.numel() == 1:
+        return t.reshape(1).expand(channels)
+    if t.dim() < ndim + 1 or t.numel() != channels or t.shape[t.dim() - ndim - 1] != channels:
+        return None
+    return t.reshape(channels)
 
 
 def _per_channel_shape(t: Tensor) -> bool:

@@ -413,8 +413,14 @@ class RewriteContext:
             del self._declines[(rule.name, node)]
 
     def declines(self) -> list[Decline]:
-        """Declines that still stand, in graph order."""
+        """Declines that still stand, in graph order; one per rule and reason."""
         order = {n: i for i, n in enumerate(self.graph.nodes)}
         live = [(k, v) for k, v in self._declines.items() if k[1] in order]
         live.sort(key=lambda kv: (order[kv[0][1]], kv[0][0]))
-        return [Decline(rule, node.name, reason) for (rule, node), (reason, _) in live]
+        seen: set[tuple[str, str]] = set()
+        result = []
+        for (rule, node), (reason, _) in live:
+            if (rule, reason) not in seen:
+                seen.add((rule, reason))
+                result.append(Decline(rule, node.name, reason))
+        return result

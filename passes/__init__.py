@@ -1,7 +1,7 @@
 """fxfuse's rules, one family per module, and the default rule set.
 
 - :mod:`.cleanup`: ``identity(x) -> x``, ``dropout(x, training=False) -> x``
-- :mod:`.fold_bn`: ``bn(conv(x)) -> conv'(x)``
+- :mod:`.fold_bn`: ``bn(conv(x)) -> conv'(x)``; ``bn(Σ cᵢ·convᵢ(xᵢ)) -> Σ convᵢ'(xᵢ)``
 - :mod:`.merge_branches`: ``conv_a(x) + conv_b(x) + x -> conv'(x)`` (pad-and-add)
 - :mod:`.identity`: the identity and ``BN(x)`` branches as kernels, used by the merge
 
@@ -13,10 +13,17 @@ from __future__ import annotations
 from fxfuse.rules import RuleSet, Stage
 
 from .cleanup import DropDropout, DropIdentity
-from .fold_bn import FoldBatchNorm
+from .fold_bn import DistributeBatchNorm, FoldBatchNorm
 from .merge_branches import MergeBranches
 
-__all__ = ["DropDropout", "DropIdentity", "FoldBatchNorm", "MergeBranches", "default_rules"]
+__all__ = [
+    "DistributeBatchNorm",
+    "DropDropout",
+    "DropIdentity",
+    "FoldBatchNorm",
+    "MergeBranches",
+    "default_rules",
+]
 
 
 def default_rules() -> RuleSet:
@@ -29,6 +36,6 @@ def default_rules() -> RuleSet:
     return RuleSet(
         [
             Stage("cleanup", (DropIdentity(), DropDropout())),
-            Stage("fuse", (FoldBatchNorm(), MergeBranches())),
+            Stage("fuse", (FoldBatchNorm(), MergeBranches(), DistributeBatchNorm())),
         ]
     )

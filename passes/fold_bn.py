@@ -5,20 +5,24 @@ A batch norm with running statistics is the per-channel affine ``scale · y + sh
 
     W' = W · scale   (per output channel; dim 1 per group for a transposed conv)
     b' = b · scale + shift
+
+After a sum of convs that cannot merge (different inputs, a merge that would cost too much),
+the same affine distributes over the sum: ``bn(Σ cᵢ·convᵢ) = Σ (scale·cᵢ)·convᵢ + shift``.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch.fx import Node
 
 from fxfuse.kernels import batch_norm_affine, scale_output_channels
-from fxfuse.ops import BatchNormView, ConvView
+from fxfuse.ops import BatchNormView, Combination, ConvView, channel_vector, constant_value
 from fxfuse.rules import Match, RewriteContext, Rule
 
-__all__ = ["FoldBatchNorm"]
+__all__ = ["DistributeBatchNorm", "FoldBatchNorm"]
 
 
 @dataclass
@@ -99,3 +103,101 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
 
     def describe(self, match: LayerBatchNorm) -> str:
         return f"{match.layer.describe()} + batch norm -> {match.layer.describe()}"
+
+
+@dataclass
+class BatchNormOfSum(Match):
+    bn: BatchNormView
+    combination: Combination
+    layers: list[ConvView | None]
+
+
+class DistributeBatchNorm(Rule[BatchNormOfSum]):
+    """``bn(Σ cᵢ·convᵢ(xᵢ)) -> Σ convᵢ'(xᵢ)``: ``Wᵢ' = Wᵢ·cᵢ·γ/σ``, shift into one bias."""
+
+    name = "fold-bn-into-branches"
+    formula = "bn(Σ cᵢ·convᵢ(xᵢ)) -> Σ convᵢ'(xᵢ)"
+
+    def matches(self, node: Node, ctx: RewriteContext) -> Iterator[BatchNormOfSum]:
+        bn = ctx.batch_norm(node)
+        if bn is None or len(bn.input.users) != 1:
+            return
+        combo = ctx.combination(bn.input)
+        if combo is None:
+            return
+        layers = [ctx.conv(term) for _, term in combo.terms]
+        if any(layer is not None for layer in layers):
+            yield BatchNormOfSum(node, bn=bn, combination=combo, layers=layers)
+
+    def check(self, match: BatchNormOfSum, ctx: RewriteContext) -> str | None:
+        bn = match.bn
+        if bn.uses_batch_stats:
+            return uses_batch_stats_reason(bn)
+        first = next(layer for layer in match.layers if layer is not None)
+        for (coefficient, term), layer in zip(match.combination.terms, match.layers, strict=True):
+            if layer is None or len(term.users) != 1:
+                return (
+                    f"the sum before it also adds {term.name}, which is not a conv the "
+                    "batch norm can fold into"
+                )
+            if layer.out_channels != bn.num_features or layer.ndim != first.ndim:
+                return (
+                    f"batch norm has {bn.num_features} channels, {layer.describe()} has "
+                    f"{layer.out_channels}"
+                )
+            if channel_vector(coefficient, bn.num_features, layer.ndim) is None:
+                return f"the scale on {layer.describe()} is not per output channel"
+        for coefficient, operand in match.combination.constants:
+            value = constant_value(operand, ctx)
+            assert value is not None
+            if channel_vector(coefficient * value, bn.num_features, first.ndim) is None:
+                return "a constant in the sum is not per channel"
+        shape = ctx.shape(match.combination.root)
+        if shape is not None and len(shape) != first.ndim + 2:
+            return f"the sum has shape {tuple(shape)}: batch norm would not normalize its channels"
+        return None
+
+    def rewrite(self, match: BatchNormOfSum, ctx: RewriteContext) -> Node:
+        bn, combo = match.bn, match.combination
+        assert bn.running_mean is not None and bn.running_var is not None
+        scale, shift = batch_norm_affine(
+            bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+        )
+        channels = bn.num_features
+        ndim = next(layer.ndim for layer in match.layers if layer is not None)
+        for coefficient, operand in combo.constants:
+            value = constant_value(operand, ctx)
+            assert value is not None
+            vector = channel_vector(coefficient * value, channels, ndim)
+            assert vector is not None
+            shift = shift + scale * vector.to(scale.device)
+        total: Node | None = None
+        for (coefficient, _), layer in zip(combo.terms, match.layers, strict=True):
+            assert layer is not None
+            vector = channel_vector(coefficient, channels, layer.ndim)
+            assert vector is not None
+            weight, bias = scale_output_channels(
+                layer.weight,
+                layer.bias,
+                scale * vector.to(scale.device),
+                shift if total is None else None,
+                transposed=layer.transposed,
+                groups=layer.groups,
+            )
+            node = ctx.fused(
+                layer.input,
+                kind=layer.kind,
+                weight=weight,
+                bias=bias,
+                geometry=layer.geometry,
+                like=layer,
+                sources=layer.sources + bn.sources,
+                name=layer.name,
+            )
+            total = node if total is None else ctx.call(operator.add, total, node)
+        assert total is not None
+        return total
+
+    def describe(self, match: BatchNormOfSum) -> str:
+        parts = " + ".join(layer.describe() for layer in match.layers if layer is not None)
+        return f"batch norm of ({parts}) -> {parts}"

@@ -30,14 +30,14 @@ from torch import Tensor
 from torch.fx import Node
 
 from fxfuse.kernels import MergedWindow, Window, align_windows, exact, expand_groups, place_kernel
-from fxfuse.ops import Combination, ConvGeometry, ConvView, constant_value
+from fxfuse.ops import Combination, ConvGeometry, ConvView, channel_vector, constant_value
 from fxfuse.rules import Match, RewriteContext, Rule
 
 from .fold_bn import other_users, uses_batch_stats_reason
 from .identity import RULE_NAME as IDENTITY_RULE
 from .identity import Diagonal, as_diagonal, diagonal_as_kernel, identity
 
-__all__ = ["BranchGroup", "MergeBranches", "Term", "channel_vector"]
+__all__ = ["BranchGroup", "MergeBranches", "Term"]
 
 _IDENTITY_WINDOW = Window(1, 1, 0, 0)
 
@@ -76,6 +76,7 @@ class BranchGroup(Match):
     terms: list[Term]
     constants: list[tuple[Tensor, Node | float]]  # folded into the merged bias
     rest: list[tuple[Tensor, Node | float]] = field(default_factory=list)  # kept as they are
+    blocked: str | None = None  # why these branches, which read one input, cannot merge
 
     @property
     def convs(self) -> list[ConvView]:
@@ -125,18 +126,6 @@ class Plan:
         )
 
 
-def channel_vector(t: Tensor, channels: int, ndim: int) -> Tensor | None:
-    """``t`` as a per-output-channel vector of a ``ndim``-d layer's output ``[N, C, *spatial]``,
-    or ``None`` when it broadcasts some other way."""
-    if t.dim() > ndim + 2:
-        return None
-    if t.numel() == 1:
-        return t.reshape(1).expand(channels)
-    if t.dim() < ndim + 1 or t.numel() != channels or t.shape[t.dim() - ndim - 1] != channels:
-        return None
-    return t.reshape(channels)
-
-
 def _is_one(t: Tensor) -> bool:
     return t.dim() == 0 and float(t) == 1.0
 
@@ -179,7 +168,18 @@ class MergeBranches(Rule[BranchGroup]):
                 assert value is not None
                 fits = channel_vector(c * value, convs[0].out_channels, convs[0].ndim)
                 (folded if fits is not None else kept).append((c, operand))
-            if len(members) == 1 and _is_one(members[0].coefficient) and not folded:
+            excluded = [(branch, why) for branch, reads, why in stays if reads is x]
+            trivial = len(members) == 1 and _is_one(members[0].coefficient) and not folded
+            if trivial and excluded:  # nothing to merge because its siblings must stay
+                yield BranchGroup(
+                    node,
+                    combination=combo,
+                    input=x,
+                    terms=members,
+                    constants=[],
+                    blocked=excluded[0][1],
+                )
+            if trivial:
                 continue
             rest: list[tuple[Tensor, Node | float]] = [
                 (t.coefficient, t.node) for t in terms if t.input is not x
@@ -191,10 +191,13 @@ class MergeBranches(Rule[BranchGroup]):
                 terms=members,
                 constants=folded,
                 rest=rest + kept,
-                excluded=[(branch, why) for branch, reads, why in stays if reads is x],
+                excluded=excluded,
             )
+        yield from _blocked_groups(node, combo, terms)
 
     def check(self, group: BranchGroup, ctx: RewriteContext) -> str | None:
+        if group.blocked is not None:
+            return group.blocked
         convs = group.convs
         first = convs[0]
         for reason in (
@@ -322,6 +325,29 @@ def _classify(
         )
         return Term(coefficient, node, node, diagonal=identity()), (bn.input, why)
     return Term(coefficient, node, node, diagonal=identity()), None
+
+
+def _blocked_groups(root: Node, combo: Combination, terms: list[Term]) -> Iterator[BranchGroup]:
+    """Branches that read one input, some through a pad or crop that did not fold into their
+    padding: they cannot merge, and the report should say which op stopped them."""
+    by_source: dict[Node, list[Term]] = {}
+    for term in terms:
+        barrier = term.conv.barrier if term.conv is not None else None
+        by_source.setdefault(barrier[0] if barrier else term.input, []).append(term)
+    for source, members in by_source.items():
+        stopped = [t for t in members if t.conv is not None and t.conv.barrier is not None]
+        if len(members) < 2 or not stopped:
+            continue
+        assert stopped[0].conv is not None and stopped[0].conv.barrier is not None
+        why = stopped[0].conv.barrier[1]
+        yield BranchGroup(
+            root,
+            combination=combo,
+            input=source,
+            terms=members,
+            constants=[],
+            blocked=f"{stopped[0].describe()} reads {source.name} but {why}",
+        )
 
 
 def _sum_user(node: Node) -> Node:

@@ -1,0 +1,173 @@
+"""Training-time blocks of the re-parameterization papers, written from the papers.
+
+Each block is what an architecture trains; fxfuse must turn each into one conv (plus its
+activation) with no block-specific code. They are deliberately written in different styles
+(Sequential conv-bn pairs, functional batch norms, crops, buffers as scales) because real code
+is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def conv_bn(
+    cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1,
+    padding: int | tuple[int, int] = 0, groups: int = 1, dilation: int = 1,
+) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias=False),
+        nn.BatchNorm2d(cout),
+    )
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG (Ding et al. 2021): 3×3 conv-bn + 1×1 conv-bn + BN identity when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.dense = conv_bn(cin, cout, 3, stride, 1, groups)
+        self.pointwise = conv_bn(cin, cout, 1, stride, 0, groups)
+        self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.dense(x) + self.pointwise(x)
+        if self.identity is not None:
+            out = out + self.identity(x)
+        return self.act(out)
+
+
+class Crop(nn.Module):
+    """ACNet's crop: drop ``rows``/``cols`` from each border."""
+
+    def __init__(self, rows: int, cols: int):
+        super().__init__()
+        self.rows, self.cols = rows, cols
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rows and self.cols:
+            return x[:, :, self.rows:-self.rows, self.cols:-self.cols]
+        if self.rows:
+            return x[:, :, self.rows:-self.rows, :]
+        if self.cols:
+            return x[:, :, :, self.cols:-self.cols]
+        return x
+
+
+class ACBlock(nn.Module):
+    """ACNet (Ding et al. 2019): k×k + 1×k + k×1 conv-bn branches, summed.
+
+    The asymmetric kernels are centred on the square kernel's centre row/column: with padding
+    ``p`` and ``c = p − k//2``, the 1×k branch pads (c, p) and the k×1 branch (p, c); when
+    ``c < 0`` the branch pads nothing and crops ``−c`` instead.
+    """
+
+    def __init__(self, cin: int, cout: int, k: int = 3, padding: int | None = None,
+                 stride: int = 1):
+        super().__init__()
+        p = k // 2 if padding is None else padding
+        c = p - k // 2
+        self.square = conv_bn(cin, cout, k, stride, p)
+        if c >= 0:
+            self.hor_crop, self.ver_crop = nn.Identity(), nn.Identity()
+            hor_pad, ver_pad = (c, p), (p, c)
+        else:
+            self.hor_crop, self.ver_crop = Crop(-c, 0), Crop(0, -c)
+            hor_pad, ver_pad = (0, p), (p, 0)
+        self.hor = conv_bn(cin, cout, (1, k), stride, hor_pad)
+        self.ver = conv_bn(cin, cout, (k, 1), stride, ver_pad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.square(x) + self.hor(self.hor_crop(x)) + self.ver(self.ver_crop(x))
+
+
+class MobileOneBlock(nn.Module):
+    """MobileOne (Vasu et al. 2023): ``k`` over-parameterized conv-bn branches, a 1×1 "scale"
+    conv-bn branch (when the kernel is larger than 1) and a BN skip, summed, then ReLU.
+    ``groups = cin`` gives the depthwise block; ``kernel = 1`` the pointwise one."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
+                 branches: int = 3):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            conv_bn(cin, cout, kernel, stride, kernel // 2, groups) for _ in range(branches))
+        self.scale = conv_bn(cin, cout, 1, stride, 0, groups) if kernel > 1 else None
+        self.skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.skip(x) if self.skip is not None else 0
+        if self.scale is not None:
+            out = out + self.scale(x)
+        for branch in self.branches:
+            out = out + branch(x)
+        return self.act(out)
+
+
+class CSLABlock(nn.Module):
+    """RepOptimizer's CSLA block: ``s·conv3×3(x) + t·conv1×1(x) + x`` with constant
+    per-channel scales and no batch norm."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv3 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.register_buffer("s", torch.rand(channels, 1, 1) + 0.5)
+        self.register_buffer("t", torch.rand(channels, 1, 1) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.s * self.conv3(x) + self.t * self.conv1(x) + x)
+
+
+class RepViTMixer(nn.Module):
+    """RepViT's token mixer (Wang et al. 2024): depthwise 3×3 conv-bn + depthwise 1×1 conv
+    + identity, summed, then a batch norm after the sum."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = conv_bn(channels, channels, 3, 1, 1, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 1, groups=channels)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+
+class FunctionalBNAct(nn.BatchNorm2d):
+    """A batch norm subclass with its own forward (like timm's ``BatchNormAct2d``): fx traces
+    into it and sees ``F.batch_norm`` on the module's buffers."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return F.relu(x)
+
+
+class DilatedReparam(nn.Module):
+    """A dilated 3×3 beside a plain 3×3 and a 1×1 (UniRepLKNet-style): one 5×5 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.plain = conv_bn(channels, channels, 3, 1, 1)
+        self.dilated = conv_bn(channels, channels, 3, 1, 2, dilation=2)
+        self.point = conv_bn(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.plain(x) + self.dilated(x) + self.point(x)
+
+
+def repvgg_net(width: int = 8, groups: int = 2) -> nn.Sequential:
+    """A small RepVGG-style network: stride-2 entry blocks without identity, grouped blocks."""
+    return nn.Sequential(
+        RepVGGBlock(3, width, stride=2),
+        RepVGGBlock(width, width),
+        RepVGGBlock(width, width, groups=groups),
+        RepVGGBlock(width, 2 * width, stride=2, groups=groups),
+        RepVGGBlock(2 * width, 2 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, 10),
+    )

@@ -1,0 +1,49 @@
+"""Assertions the tests share: fuse, compare with a normalised error, count executed ops."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+import fxfuse
+from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3,
+             torch.bfloat16: 2e-2}
+
+
+def fuse_and_check(
+    model: nn.Module,
+    *inputs: torch.Tensor,
+    convs: int | None = None,
+    batch_norms: int | None = 0,
+    seed: int = 0,
+    **kwargs: Any,
+) -> tuple[GraphModule, Counter[str], Counter[str]]:
+    """Randomize BN statistics, fuse, and assert equivalence and what runs afterwards.
+
+    Returns the fused module and the executed-op counts before and after.
+    """
+    model = randomize_batch_norms(model.eval(), seed)
+    fused = fxfuse.optimize(model, **kwargs)
+    dtype = inputs[0].dtype
+    with torch.no_grad():
+        expected, actual = model(*inputs), fused(*inputs)
+    error = relative_error(expected, actual)
+    assert error <= TOLERANCE[dtype], f"relative error {error:.3g}\n{fused.fxfuse_report}"
+    before, after = count_ops(model, *inputs), count_ops(fused, *inputs)
+    if convs is not None:
+        assert after["conv"] == convs, f"{after['conv']} convs ran\n{fused.fxfuse_report}"
+    if batch_norms is not None:
+        assert after["batch_norm"] == batch_norms, fused.fxfuse_report
+    assert after["conv"] <= before["conv"]
+    return fused, before, after
+
+
+def declined(fused: GraphModule, rule: str) -> list[str]:
+    """The reasons ``rule`` gave for declining, from the fused module's report."""
+    return [d.reason for d in fused.fxfuse_report.declines if d.rule == rule]
