@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# "dev" is the quick default; CI selects "ci" (more examples) with HYPOTHESIS_PROFILE=ci.
+# "dev" is the quick default; "ci" (more examples, derandomized) when CI is set, or choose one
+# with HYPOTHESIS_PROFILE.
 settings.register_profile(
     "dev", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow],
     database=None, print_blob=True,
@@ -22,7 +23,7 @@ settings.register_profile(
     "many", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "500")), deadline=None,
     suppress_health_check=[HealthCheck.too_slow], database=None,
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -16,7 +16,7 @@ from torch.fx import Node
 import fxfuse
 from fxfuse import CaptureError, ConvergenceError, Match, RewriteContext, Rule, TrainingModeError
 from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
-from tests.blocks import RepVGGBlock, repvgg_net
+from fxfuse.zoo import RepVGGBlock, repvgg_net
 from tests.helpers import fuse_and_check
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.blocks import (
+from fxfuse.zoo import (
     ACBlock,
     CSLABlock,
     DilatedReparam,

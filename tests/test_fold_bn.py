@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 import fxfuse
 from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
-from tests.blocks import FunctionalBNAct
+from fxfuse.zoo import FunctionalBNAct
 from tests.helpers import declined, fuse_and_check
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 import fxfuse
 from fxfuse import FusionOptions
-from tests.blocks import conv_bn
+from fxfuse.zoo import conv_bn
 from tests.helpers import declined, fuse_and_check
 
 

@@ -1,9 +1,10 @@
 """Training-time blocks of the re-parameterization papers, written from the papers.
 
 Each block is what an architecture trains; fxfuse must turn each into one conv (plus its
-activation) with no block-specific code. They are deliberately written in different styles
-(Sequential conv-bn pairs, functional batch norms, crops, buffers as scales) because real code
-is.
+activation) with no block-specific code — these are test data for the rules, never special
+cases in them. They are deliberately written in different styles (Sequential conv-bn pairs,
+functional batch norms, crops, buffers as scales) because real code is. The tests, the
+command line's built-in default model and the benchmarks use them.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from torch import Tensor, nn
 
 
 def conv_bn(
-    cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1,
-    padding: int | tuple[int, int] = 0, groups: int = 1, dilation: int = 1,
+    cin: int,
+    cout: int,
+    kernel: int | tuple[int, int],
+    stride: int = 1,
+    padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    dilation: int = 1,
 ) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias=False),
@@ -49,11 +55,11 @@ class Crop(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rows and self.cols:
-            return x[:, :, self.rows:-self.rows, self.cols:-self.cols]
+            return x[:, :, self.rows : -self.rows, self.cols : -self.cols]
         if self.rows:
-            return x[:, :, self.rows:-self.rows, :]
+            return x[:, :, self.rows : -self.rows, :]
         if self.cols:
-            return x[:, :, :, self.cols:-self.cols]
+            return x[:, :, :, self.cols : -self.cols]
         return x
 
 
@@ -65,8 +71,9 @@ class ACBlock(nn.Module):
     ``c < 0`` the branch pads nothing and crops ``−c`` instead.
     """
 
-    def __init__(self, cin: int, cout: int, k: int = 3, padding: int | None = None,
-                 stride: int = 1):
+    def __init__(
+        self, cin: int, cout: int, k: int = 3, padding: int | None = None, stride: int = 1
+    ):
         super().__init__()
         p = k // 2 if padding is None else padding
         c = p - k // 2
@@ -89,11 +96,13 @@ class MobileOneBlock(nn.Module):
     conv-bn branch (when the kernel is larger than 1) and a BN skip, summed, then ReLU.
     ``groups = cin`` gives the depthwise block; ``kernel = 1`` the pointwise one."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
-                 branches: int = 3):
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, branches: int = 3
+    ):
         super().__init__()
         self.branches = nn.ModuleList(
-            conv_bn(cin, cout, kernel, stride, kernel // 2, groups) for _ in range(branches))
+            conv_bn(cin, cout, kernel, stride, kernel // 2, groups) for _ in range(branches)
+        )
         self.scale = conv_bn(cin, cout, 1, stride, 0, groups) if kernel > 1 else None
         self.skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
         self.act = nn.ReLU()
@@ -141,8 +150,16 @@ class FunctionalBNAct(nn.BatchNorm2d):
     into it and sees ``F.batch_norm`` on the module's buffers."""
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                         self.training, self.momentum, self.eps)
+        x = F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training,
+            self.momentum,
+            self.eps,
+        )
         return F.relu(x)
 
 
@@ -157,6 +174,47 @@ class DilatedReparam(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.plain(x) + self.dilated(x) + self.point(x)
+
+
+__all__ = [
+    "ACBlock",
+    "CSLABlock",
+    "Crop",
+    "DilatedReparam",
+    "FunctionalBNAct",
+    "MobileOneBlock",
+    "RepVGGBlock",
+    "RepViTMixer",
+    "conv_bn",
+    "repvgg_net",
+    "training_time_net",
+]
+
+
+def training_time_net(width: int = 16, num_classes: int = 10) -> nn.Sequential:
+    """fxfuse's built-in default: a small training-time network mixing every paper's block.
+
+    RepVGG (stride 2, grouped, identity), ACNet (with the crop case), MobileOne (depthwise
+    and pointwise), CSLA, a dilated branch and RepViT's post-sum batch norm: 28 convs and 29
+    batch norms that fuse to 11 convs.
+    """
+    return nn.Sequential(
+        RepVGGBlock(3, width, stride=2),
+        ACBlock(width, width, 3, padding=1),
+        RepVGGBlock(width, width, groups=4),
+        MobileOneBlock(width, width, 3, 1, groups=width),
+        MobileOneBlock(width, 2 * width, 1),
+        ACBlock(2 * width, 2 * width, 5, padding=1),
+        CSLABlock(2 * width),
+        DilatedReparam(2 * width),
+        RepViTMixer(2 * width),
+        RepVGGBlock(2 * width, 2 * width, stride=2, groups=2),
+        RepVGGBlock(2 * width, 2 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(2 * width, num_classes),
+    )
 
 
 def repvgg_net(width: int = 8, groups: int = 2) -> nn.Sequential:
