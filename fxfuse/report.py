@@ -15,7 +15,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from fxfuse.ops import FusedLayer, fused_layer
 
-__all__ = ["Decline", "FusionReport", "GraphStats", "Rewrite", "graph_stats"]
+__all__ = ["Decline", "FusionReport", "GraphStats", "Rewrite", "graph_stats", "op_kind"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ _ATEN_BN = (
 )
 
 
-def _kind(node: Node, gm: GraphModule) -> str | None:
+def op_kind(node: Node, gm: GraphModule) -> str | None:
+    """``"conv"``, ``"bn"`` or ``"linear"`` for the ops :class:`GraphStats` counts, else None."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         if isinstance(module, _ConvNd):
@@ -106,7 +107,7 @@ def graph_stats(gm: GraphModule, parameters: int | None = None) -> GraphStats:
 
     ``parameters`` defaults to the number of elements in ``gm.parameters()``.
     """
-    kinds = Counter(_kind(n, gm) for n in gm.graph.nodes)
+    kinds = Counter(op_kind(n, gm) for n in gm.graph.nodes)
     if parameters is None:
         parameters = sum(p.numel() for p in gm.parameters())
     return GraphStats(kinds["conv"], kinds["bn"], kinds["linear"], parameters, len(gm.graph.nodes))

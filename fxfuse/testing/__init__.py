@@ -15,7 +15,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCounter", "count_ops", "randomize_batch_norms", "relative_error"]
+__all__ = [
+    "OpCounter",
+    "count_flops",
+    "count_ops",
+    "count_ops_profiled",
+    "randomize_batch_norms",
+    "relative_error",
+]
 
 
 def _category(name: str) -> str | None:
@@ -52,6 +59,68 @@ def count_ops(model: Callable[..., Any], *inputs: Any) -> Counter[str]:
     with torch.no_grad(), counter:
         model(*inputs)
     return counter.counts
+
+
+def count_ops_profiled(model: Callable[..., Any], *inputs: Any) -> Counter[str] | None:
+    """Like :func:`count_ops`, but seen by ``torch.profiler``, so it also counts inside
+    ``torch.compile``d code (DESIGN.md, trap 10).
+
+    Counts the outermost profiler events whose name has ``conv`` (``counts["conv"]``) or
+    ``batch_norm`` (``counts["batch_norm"]``): ``aten::conv2d`` calls ``aten::convolution``,
+    which is one convolution, not two. TorchScript's frozen mkldnn convolutions record no
+    profiler event; for a ``torch.jit.ScriptModule`` the nodes of its graph are counted
+    instead. Returns ``None`` when the profiler is unavailable.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        return _count_script_nodes(model)
+    try:
+        with torch.no_grad(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]
+        ) as prof:
+            model(*inputs)
+    except RuntimeError:
+        return None
+    counts: Counter[str] = Counter()
+    for event in prof.events():
+        category = _event_category(event.name)
+        if category is None:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and _event_category(parent.name) != category:
+            parent = parent.cpu_parent
+        if parent is None:
+            counts[category] += 1
+    return counts
+
+
+def _event_category(name: str) -> str | None:
+    lowered = name.lower()
+    if "conv" in lowered and "::" in lowered:
+        return "conv"
+    if "batch_norm" in lowered:
+        return "batch_norm"
+    return None
+
+
+def _count_script_nodes(module: torch.jit.ScriptModule) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for node in module.graph.nodes():  # frozen graphs are inlined: no submodule calls left
+        category = _event_category(node.kind())
+        if category is not None:
+            counts[category] += 1
+    return counts
+
+
+def count_flops(model: Callable[..., Any], *inputs: Any) -> int:
+    """Floating-point operations of one ``model(*inputs)`` call, as
+    ``torch.utils.flop_counter`` counts them (convolutions and matrix products; a multiply-add
+    is two)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
 
 
 def relative_error(reference: Any, candidate: Any) -> float:
