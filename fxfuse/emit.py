@@ -156,12 +156,15 @@ def _own(gm: GraphModule, created: set[int]) -> None:
         {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")},
         key=lambda t: t.count("."),
     )
-    done: list[str] = []
+    done: set[str] = set()
     for target in targets:
-        if any(target.startswith(d + ".") for d in done):
-            continue  # copied with its owner
+        # Copied with its owner if a proper prefix was done: look the prefixes up (depth
+        # lookups) rather than scan every done target (quadratic on a 10,000-block graph).
+        parts = target.split(".")
+        if any(".".join(parts[:i]) in done for i in range(1, len(parts))):
+            continue
         owner, name, value = _resolve(gm, target)
-        done.append(target)
+        done.add(target)
         if id(value) in created or not isinstance(value, (nn.Module, Tensor)):
             continue
         if (

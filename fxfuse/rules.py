@@ -240,6 +240,7 @@ class RewriteContext:
         self.counts: Counter[str] = Counter()
         self.rewrites: list[Rewrite] = []
         self._declines: dict[tuple[str, Node], tuple[str, bool]] = {}
+        self._declining_rules: set[str] = set()
         self._modules: dict[str, nn.Module] = dict(gm.named_modules())
         self._queue: deque[Node] = deque()
         self._queued: set[Node] = set()
@@ -366,8 +367,8 @@ class RewriteContext:
                 continue
             inputs = n.all_input_nodes
             self.graph.erase_node(n)
-            for key in [k for k in self._declines if k[1] is n]:
-                del self._declines[key]
+            for rule_name in self._declining_rules:  # a few names, not every decline
+                self._declines.pop((rule_name, n), None)
             for i in inputs:
                 if i.users:
                     for user in i.users:  # its user count changed: patterns may match now
@@ -406,6 +407,7 @@ class RewriteContext:
 
     def _decline(self, rule: Rule[Any], subject: Node, reason: str, sticky: bool = False) -> None:
         self._declines[(rule.name, subject)] = (reason, sticky)
+        self._declining_rules.add(rule.name)
 
     def _forget(self, rule: Rule[Any], node: Node) -> None:
         entry = self._declines.get((rule.name, node))
