@@ -1,0 +1,113 @@
+"""``python -m benchmarks [all|latency|scaling|memory|plot] [--quick] …``
+
+``all`` (the default) runs latency, scaling and memory and draws the plot. ``--quick`` is
+the short run (a few minutes on 2 cores): four models, 10 rounds, 10/100/1,000 blocks. The
+10,000-block point is its own command::
+
+    python -m benchmarks scaling --blocks 10 100 1000 10000
+
+Each command writes its section of ``benchmarks/out/results.json`` and redraws
+``benchmarks/out/benchmarks.png`` from whatever the file holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks import latency, memory, plots, scaling
+from benchmarks.common import OUT, cold_compiles, load_results, machine, save_section
+from fxfuse.bench import VARIANTS
+
+
+def _device(name: str | None) -> str:
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_latency(args: argparse.Namespace) -> None:
+    specs = args.models or (latency.QUICK_MODELS if args.quick else latency.FULL_MODELS)
+    rounds = args.rounds or (10 if args.quick else 30)
+    device = _device(args.device)
+    env = machine(device)
+    env["inductor_cache"] = cold_compiles()
+    models = latency.run(
+        specs, input_size=args.input_size, rounds=rounds, variants=args.variants, device=device
+    )
+    print(latency.overview(models))
+    env["load_average_after"] = machine(device)["load_average"]
+    save_section(args.json, "latency", {"machine": env, "rounds": rounds, "models": models})
+
+
+def run_scaling(args: argparse.Namespace) -> None:
+    sizes = args.blocks or ([10, 100, 1000] if args.quick else [10, 100, 1000, 10000])
+    env = machine("cpu")
+    result = scaling.run(sizes, repeats=args.repeats)
+    env["load_average_after"] = machine("cpu")["load_average"]
+    save_section(args.json, "scaling", {"machine": env, **result})
+
+
+def run_memory(args: argparse.Namespace) -> None:
+    specs = args.models or (latency.QUICK_MODELS if args.quick else latency.FULL_MODELS)
+    specs = [*specs, "synthetic:1000"]
+    save_section(args.json, "memory", {"machine": machine("cpu"), "models": memory.run(specs)})
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    path = plots.plot(load_results(args.json), args.png)
+    print(f"wrote {path}" if path else "nothing to plot (or matplotlib is not installed)")
+
+
+def run_all(args: argparse.Namespace) -> None:
+    for step in (run_latency, run_scaling, run_memory):
+        step(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "command", nargs="?", default="all", choices=["all", "latency", "scaling", "memory", "plot"]
+    )
+    parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
+    parser.add_argument("--models", nargs="+", metavar="SPEC", help="model specs to measure")
+    parser.add_argument(
+        "--variants",
+        type=lambda s: s.split(","),
+        default=None,
+        help=f"comma-separated subset of {','.join(VARIANTS)}",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    parser.add_argument("--input-size", type=int, default=None, help="override H = W")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--blocks", type=int, nargs="+", help="synthetic network sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="optimize runs per size")
+    parser.add_argument("--json", type=Path, default=OUT / "results.json")
+    parser.add_argument("--png", type=Path, default=OUT / "benchmarks.png")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit's deprecation
+    start = time.perf_counter()
+    steps = {
+        "all": run_all,
+        "latency": run_latency,
+        "scaling": run_scaling,
+        "memory": run_memory,
+        "plot": lambda a: None,
+    }
+    steps[args.command](args)
+    run_plot(args)
+    print(f"results in {args.json} ({time.perf_counter() - start:.0f} s)")
+    return 0
