@@ -1,6 +1,7 @@
 """``python -m benchmarks [all|latency|scaling|memory|plot] [--quick] …``
 
-``all`` (the default) runs latency, scaling and memory and draws the plot. ``--quick`` is
+``all`` (the default) runs latency, scaling and memory and draws the plot; ``profile``
+prints where ``optimize`` spends its time (cProfile, per phase). ``--quick`` is
 the short run (a few minutes on 2 cores): four models, 10 rounds, 10/100/1,000 blocks. The
 10,000-block point is its own command::
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import latency, memory, plots, scaling
+from benchmarks import latency, memory, plots, profile, scaling
 from benchmarks.common import OUT, cold_compiles, load_results, machine, save_section
 from fxfuse.bench import VARIANTS
 
@@ -58,6 +59,11 @@ def run_memory(args: argparse.Namespace) -> None:
     save_section(args.json, "memory", {"machine": machine("cpu"), "models": memory.run(specs)})
 
 
+def run_profile(args: argparse.Namespace) -> None:
+    for blocks in args.blocks or [1000]:
+        save_section(args.json, f"profile_{blocks}", profile.run(blocks))
+
+
 def run_plot(args: argparse.Namespace) -> None:
     path = plots.plot(load_results(args.json), args.png)
     print(f"wrote {path}" if path else "nothing to plot (or matplotlib is not installed)")
@@ -75,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "command", nargs="?", default="all", choices=["all", "latency", "scaling", "memory", "plot"]
+        "command",
+        nargs="?",
+        default="all",
+        choices=["all", "latency", "scaling", "memory", "profile", "plot"],
     )
     parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
     parser.add_argument("--models", nargs="+", metavar="SPEC", help="model specs to measure")
@@ -105,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "latency": run_latency,
         "scaling": run_scaling,
         "memory": run_memory,
+        "profile": run_profile,
         "plot": lambda a: None,
     }
     steps[args.command](args)

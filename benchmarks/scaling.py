@@ -5,9 +5,11 @@ and pointwise MobileOne, CSLA, a dilated branch, RepViT's post-sum batch norm) a
 width, so the graph is large and the weights are small: the time measured is the graph work,
 not the float64 arithmetic. Each block fuses to one conv.
 
-The network is float64: a chain of hundreds of random blocks amplifies rounding (the float32
-eager model itself drifts 1e-5…1e-4 from its float64 value at 300 blocks), so the fused
-model's error is checked where it is meaningful (≤ 1e-10 expected).
+The network is float64 and the fused model's output is compared with the original's up to 300
+blocks. Beyond that the comparison says nothing: a chain of random blocks amplifies any
+rounding exponentially with depth (at 1,000 blocks two float64 evaluations of the *same*
+function in a different summation order differ by ~1e-4), so larger networks are checked by
+structure instead: every block must end as exactly one conv (the ``convs`` column).
 
 The growth exponent is the least-squares slope of log(time) against log(nodes) over the
 sizes of at least 100 blocks (below that, fixed costs dominate); 1.0 is linear.
@@ -95,7 +97,7 @@ def measure(blocks: int, repeats: int, check: bool) -> dict[str, Any]:
     return result
 
 
-def run(sizes: list[int], repeats: int, check_up_to: int = 1000) -> dict[str, Any]:
+def run(sizes: list[int], repeats: int, check_up_to: int = 300) -> dict[str, Any]:
     """Measure every size; fit the exponents; print the table."""
     points = []
     for blocks in progress(sizes, "scaling"):

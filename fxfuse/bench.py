@@ -27,13 +27,14 @@ reported as failed with its error. Neither stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 
 import fxfuse
 from fxfuse.console import format_seconds, progress, table
-from fxfuse.testing import count_ops_profiled, relative_error
+from fxfuse.testing import TOLERANCE, count_ops_profiled, relative_error
 
 __all__ = [
     "VARIANTS",
@@ -129,7 +130,8 @@ def _verify(model: nn.Module, fused: nn.Module, inputs: tuple[Tensor, ...]) -> N
         return
     with torch.no_grad():
         error = relative_error(model(*inputs), fused(*inputs))
-    if error > 1e-4:
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    if error > TOLERANCE.get(dtype, 1e-5):
         raise AssertionError(f"fused model differs from the original: error {error:.2e}")
 
 
@@ -283,6 +285,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     }
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
+        env["tf32"] = "off while measuring"
     try:
         import timm
 
@@ -330,6 +333,19 @@ def _build(
     return built, seconds if built.convert_s is None else built.convert_s
 
 
+@contextlib.contextmanager
+def _full_precision() -> Iterator[None]:
+    """TensorFloat-32 off while measuring: with it on (cuDNN's default), every CUDA
+    convolution rounds its inputs to 10 mantissa bits, errors near 1e-3 drown the ones
+    being compared, and a conversion that changed the arithmetic would pass unseen."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def compare(
     model: nn.Module,
     inputs: Sequence[Tensor],
@@ -345,11 +361,27 @@ def compare(
 
     ``model`` must be in eval mode on the device to measure on (its first parameter's device;
     CPU for a model without parameters), with ``inputs`` on the same device. It is not
-    modified: every converter works on a copy or builds a new module.
+    modified: every converter works on a copy or builds a new module. On CUDA, TensorFloat-32
+    is off for the whole comparison (every variant computes in full float32).
     """
+    with _full_precision():
+        return _compare(
+            model, tuple(inputs), spec, variants, rounds, warmup, convert_repeats, show_progress
+        )
+
+
+def _compare(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    spec: str,
+    variants: Sequence[str] | None,
+    rounds: int,
+    warmup: int,
+    convert_repeats: int,
+    show_progress: bool,
+) -> Comparison:
     if model.training:
         raise fxfuse.TrainingModeError("compare() measures inference: call model.eval() first")
-    inputs = tuple(inputs)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     names = list(variants) if variants is not None else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]

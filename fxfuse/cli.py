@@ -37,6 +37,7 @@ from fxfuse.errors import FxFuseError
 from fxfuse.models import LoadedModel, SpecError, load_model
 from fxfuse.report import op_kind
 from fxfuse.testing import (
+    TOLERANCE,
     count_flops,
     count_ops,
     randomize_batch_norms,
@@ -46,7 +47,6 @@ from fxfuse.testing import (
 __all__ = ["build_parser", "main"]
 
 DEFAULT_SPEC = "builtin:training_time_net"
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 class UsageError(FxFuseError):

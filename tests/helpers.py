@@ -10,10 +10,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 import fxfuse
-from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
-
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3,
-             torch.bfloat16: 2e-2}
+from fxfuse.testing import TOLERANCE, count_ops, randomize_batch_norms, relative_error
 
 
 def fuse_and_check(
