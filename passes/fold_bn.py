@@ -34,7 +34,7 @@ __all__ = ["DistributeBatchNorm", "FoldBatchNorm"]
 
 @dataclass
 class LayerBatchNorm(Match):
-    layer: ConvView
+    layer: ConvView | None  # None: the batch norm reads something no layer can absorb
     bn: BatchNormView
 
 
@@ -50,6 +50,17 @@ def other_users(node: Node, but: Node) -> str:
     return ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
 
 
+def describe_producer(node: Node, ctx: RewriteContext) -> str:
+    """``cat (torch.cat)``, ``relu (ReLU)``, ``x (a graph input)``: what made a value."""
+    if node.op == "placeholder":
+        return f"{node.name} (a graph input)"
+    if node.op == "call_module":
+        return f"{node.name} ({type(ctx.module(str(node.target))).__name__})"
+    if node.op == "call_function":
+        return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
+    return f"{node.name} ({node.op} {node.target})"
+
+
 class FoldBatchNorm(Rule[LayerBatchNorm]):
     """``bn(conv(x)) -> conv'(x)``: ``W' = W·γ/σ``, ``b' = (b − μ)·γ/σ + β``."""
 
@@ -63,11 +74,15 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
         layer = ctx.conv(bn.input)
         if layer is not None:
             yield LayerBatchNorm(node, layer=layer, bn=bn, absorbed=[layer.node])
+        elif ctx.combination(bn.input) is None:  # a sum is fold-bn-into-branches' to explain
+            yield LayerBatchNorm(node, layer=None, bn=bn)
 
     def check(self, match: LayerBatchNorm, ctx: RewriteContext) -> str | None:
         layer, bn = match.layer, match.bn
         if bn.uses_batch_stats:
             return uses_batch_stats_reason(bn)
+        if layer is None:
+            return f"its input {describe_producer(bn.input, ctx)} is not a conv or linear layer"
         if len(value_users(layer.node)) != 1:
             return (
                 f"the {layer.describe()} output also feeds {other_users(layer.node, bn.node)}, "
@@ -90,6 +105,7 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
 
     def rewrite(self, match: LayerBatchNorm, ctx: RewriteContext) -> Node:
         layer, bn = match.layer, match.bn
+        assert layer is not None
         assert bn.running_mean is not None and bn.running_var is not None
         scale, shift = batch_norm_affine(
             bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
@@ -109,7 +125,8 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
         )
 
     def describe(self, match: LayerBatchNorm) -> str:
-        return f"{match.layer.describe()} + batch norm -> {match.layer.describe()}"
+        layer = match.layer.describe() if match.layer is not None else "?"
+        return f"{layer} + batch norm -> {layer}"
 
 
 @dataclass
