@@ -49,6 +49,7 @@ from fxfuse.ops import (
     fused_layer,
 )
 from fxfuse.report import Decline, Rewrite
+from fxfuse.validate import RewriteValidator
 
 __all__ = ["FusionOptions", "Match", "RewriteContext", "Rule", "RuleSet", "Stage"]
 
@@ -63,10 +64,18 @@ class FusionOptions:
     replaces (a dilated 3×3 beside a 3×3 spreads into a 5×5: 25 taps instead of 18), since
     one conv saves a pass over memory per branch; it never may cost more than this factor,
     which stops a depthwise kernel from being densified (≈ 9C/(C+9)×).
+
+    ``validate_rewrites``: check every rewrite as it is applied — the subgraph it replaces
+    and its replacement are evaluated on the same random inputs (shapes recorded from
+    ``optimize``'s ``example_inputs``, which it then needs) and compared; a rewrite that
+    differs, or whose rule raises, is rolled back and reported as a decline. Costs about two
+    forward passes of the rewritten region per rewrite; nothing when off. See
+    :mod:`fxfuse.validate`. ``optimize(..., verify=True)`` turns it on.
     """
 
     max_flops_ratio: float = 1.5
     max_rounds: int = 16
+    validate_rewrites: bool = False
 
 
 @dataclass
@@ -198,8 +207,14 @@ def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
             continue
         detail = rule.describe(match)
         root_name = match.root.name
-        with ctx.graph.inserting_before(match.root):
-            new = rule.rewrite(match, ctx)
+        if ctx.validator is None:
+            with ctx.graph.inserting_before(match.root):
+                new = rule.rewrite(match, ctx)
+        else:  # checked against the subgraph it replaces; rolled back and declined if wrong
+            checked = ctx.validator.rewrite(rule, match)
+            if checked is None:
+                continue
+            new = checked
         ctx.replace(match.root, new)
         ctx.counts[rule.name] += 1
         ctx.rewrites.append(Rewrite(rule.name, root_name, detail))
@@ -244,6 +259,9 @@ class RewriteContext:
         self._queue: deque[Node] = deque()
         self._queued: set[Node] = set()
         self._constants = 0
+        self.validator: RewriteValidator | None = (
+            RewriteValidator(self) if self.options.validate_rewrites else None
+        )
 
     # -- constants --------------------------------------------------------------------------
 
@@ -345,7 +363,11 @@ class RewriteContext:
             self._push_upwards(user)
 
     def _erasable(self, node: Node) -> bool:
-        if node.users or node.op in ("placeholder", "output"):
+        return not node.users and self._removable(node)
+
+    def _removable(self, node: Node) -> bool:
+        """Whether the driver erases ``node`` once nothing uses it."""
+        if node.op in ("placeholder", "output"):
             return False
         if node.op == "get_attr":
             return True
