@@ -148,6 +148,9 @@ class RewriteValidator:
         generator = torch.Generator().manual_seed(seed)
         env: dict[Node, Any] = {}
         for node in frontier:
+            if node in self.ctx.bound:  # a weight lifted to an input: the rewrite baked it in
+                env[node] = self.ctx.bound[node]
+                continue
             meta = node.meta.get("tensor_meta")
             shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
             if shape is None or dtype is None:

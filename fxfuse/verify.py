@@ -353,7 +353,9 @@ def _search(job: _Job, cases: Any, examples: int, seed: int, deadline: float | N
 
     @seed_search(seed)
     @settings(
+        settings.get_profile("default"),  # not the caller's profile: a seed must mean one search
         max_examples=examples,
+        derandomize=False,
         database=None,
         deadline=None,
         phases=(Phase.generate, Phase.shrink),

@@ -2,57 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fxfuse.passes import default_rules
-from torch import nn
+from fxfuse.passes.fold_bn import FoldBatchNorm, LayerBatchNorm
+from torch import Tensor, nn
 from torch.fx import Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 import fxfuse
 from fxfuse import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
 from fxfuse.capture import symbolic_capture
-from fxfuse.kernels import batch_norm_affine, scale_output_channels
 from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
 from fxfuse.zoo import RepVGGBlock, repvgg_net
 
 
-@dataclass
-class ConvBatchNorm(Match):
-    conv: object
-    bn: object
-
-
-class FoldForgettingTheShift(Rule[ConvBatchNorm]):
-    """A plausible bug: folds γ/σ into the weight but forgets ``β − μ·γ/σ`` in the bias."""
+class FoldForgettingTheShift(FoldBatchNorm):
+    """A plausible bug: fold-bn that folds γ/σ into the weight but forgets the shift
+    ``β − μ·γ/σ`` (here: by folding a batch norm whose μ and β read as zero)."""
 
     name = "fold-bn-no-shift"
-    formula = "bn(conv(x)) -> conv'(x)"
 
-    def matches(self, node: Node, ctx: RewriteContext) -> Iterator[ConvBatchNorm]:
-        bn = ctx.batch_norm(node)
-        conv = ctx.conv(bn.input) if bn is not None else None
-        if conv is not None and not bn.uses_batch_stats and len(conv.node.users) == 1:
-            yield ConvBatchNorm(node, conv=conv, bn=bn)
-
-    def rewrite(self, match: ConvBatchNorm, ctx: RewriteContext) -> Node:
-        conv, bn = match.conv, match.bn
-        scale, _ = batch_norm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-        weight, bias = scale_output_channels(conv.weight, conv.bias, scale, None)
-        return ctx.fused(
-            conv.input,
-            kind=conv.kind,
-            weight=weight,
-            bias=bias,
-            geometry=conv.geometry,
-            like=conv,
-            sources=conv.sources,
-            name=conv.name,
-        )
+    def rewrite(self, match: LayerBatchNorm, ctx: RewriteContext) -> Node:
+        assert match.bn.running_mean is not None
+        mean = torch.zeros_like(match.bn.running_mean)
+        bn = dataclasses.replace(match.bn, running_mean=mean, bias=None)
+        return super().rewrite(dataclasses.replace(match, bn=bn), ctx)
 
 
 class ScaleByConstant(Rule[Match]):
@@ -214,3 +194,21 @@ def test_a_wrong_result_fails_optimize_verify_with_what_to_try(
     with pytest.raises(fxfuse.VerificationError, match="a bug in a rule") as info:
         fxfuse.optimize(_model(), X, verify=True)
     assert info.value.fusion_report.counts["fold-bn"] == 4  # type: ignore[attr-defined]
+
+
+def test_weights_bound_to_graph_inputs_keep_their_values() -> None:
+    # graphs from torch.compile lift weights to placeholders bound to tensors: the check must
+    # feed those tensors, not random values, or every correct fold would be rolled back
+    class Functional(nn.Module):
+        def forward(self, x: Tensor, w: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+            return F.batch_norm(F.conv2d(x, w, padding=1), mean, var)
+
+    w, mean, var = torch.randn(4, 4, 3, 3), torch.randn(4), torch.rand(4) + 0.5
+    gm = symbolic_capture(Functional())
+    ShapeProp(gm).propagate(X[0], w, mean, var)
+    weights = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]
+    bound = dict(zip(weights, (w, mean, var), strict=True))
+    ctx = RewriteContext(gm, FusionOptions(validate_rewrites=True), bound=bound)
+    default_rules().run(ctx)
+    assert ctx.counts["fold-bn"] == 1
+    assert ctx.validator is not None and ctx.validator.stats == {"validated": 1}
