@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,13 +45,15 @@ def _left_alone(gm: GraphModule) -> list[str]:
 
 
 def _checked_options(
-    options: FusionOptions | None, example_inputs: Sequence[Any] | None, verify: bool
+    options: FusionOptions | None,
+    example_inputs: Sequence[Any] | None,
+    verify: bool | Mapping[str, Any],
 ) -> FusionOptions:
     options = options or FusionOptions()
     if verify:
         options = dataclasses.replace(options, validate_rewrites=True)
     if options.validate_rewrites and example_inputs is None:
-        what = "verify=True" if verify else "FusionOptions(validate_rewrites=True)"
+        what = "verify" if verify else "FusionOptions(validate_rewrites=True)"
         raise ValueError(
             f"{what} needs example_inputs: the checks run the model on inputs like them "
             "(e.g. fxfuse.optimize(model, (torch.randn(1, 3, 224, 224),), verify=True))"
@@ -59,11 +61,16 @@ def _checked_options(
     return options
 
 
-def _verify_result(model: nn.Module, fused: GraphModule, example_inputs: Sequence[Any]) -> Any:
+def _verify_result(
+    model: nn.Module,
+    fused: GraphModule,
+    example_inputs: Sequence[Any],
+    knobs: bool | Mapping[str, Any],
+) -> Any:
     from fxfuse.verify import verify
 
     try:
-        return verify(model, fused, example_inputs)
+        return verify(model, fused, example_inputs, **(knobs if isinstance(knobs, Mapping) else {}))
     except VerificationError as error:
         report = fused.fxfuse_report
         fired = ", ".join(f"{rule} ×{n}" for rule, n in sorted(report.counts.items()))
@@ -84,7 +91,7 @@ def optimize(
     options: FusionOptions | None = None,
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
-    verify: bool = False,
+    verify: bool | Mapping[str, Any] = False,
 ) -> GraphModule:
     """Fuse ``model`` into an equivalent, cheaper ``torch.fx.GraphModule``.
 
@@ -108,8 +115,9 @@ def optimize(
             rewrite is validated locally as it is applied (a failing one is rolled back and
             reported, see ``FusionOptions.validate_rewrites``), and the fused model is
             compared with ``model`` by :func:`fxfuse.verify` on inputs drawn around
-            ``example_inputs``; its report is ``fxfuse_report.verification``. For the
-            verifier's knobs, call :func:`fxfuse.verify` yourself.
+            ``example_inputs``; its report is ``fxfuse_report.verification``. A mapping
+            turns it on and passes its items to :func:`fxfuse.verify` (``{"examples": 50,
+            "tolerance": 1e-4}``).
 
     Returns:
         A ``GraphModule`` in eval mode, with the :class:`~fxfuse.FusionReport` as its
@@ -164,7 +172,7 @@ def optimize(
     if verify:
         assert example_inputs is not None
         start = time.perf_counter()
-        report.verification = _verify_result(model, fused, example_inputs)
+        report.verification = _verify_result(model, fused, example_inputs, verify)
         timings["verify"] = time.perf_counter() - start
     report.timings = timings
     log.info(

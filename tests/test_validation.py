@@ -113,6 +113,13 @@ def test_verify_true_turns_validation_on_and_verifies_the_result() -> None:
     assert "verify" in report.timings and "inputs agree" in str(report)
 
 
+def test_verify_takes_the_verifiers_knobs() -> None:
+    fused = fxfuse.optimize(_model(), X, verify={"examples": 3, "seed": 7, "tolerance": 1e-4})
+    verification = fused.fxfuse_report.verification
+    assert verification.drawn_by == "seed 7" and verification.tolerances == {"output": 1e-4}
+    assert verification.examples <= 4
+
+
 def _rewrite_once(model: nn.Module, rule: Rule[Match]) -> tuple[RewriteContext, str, str]:
     gm = symbolic_capture(model)
     ShapeProp(gm).propagate(*X)
