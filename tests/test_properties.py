@@ -51,11 +51,14 @@ def test_drawn_blocks_fuse_exactly_in_float64(spec: BlockSpec) -> None:
 # -- whole drawn models ------------------------------------------------------------------------
 
 
-@given(models(ndims=(1, 2, 3)), st.data())
+# Whole models are checked in float64: a drawn head can reduce to one number ~1000× smaller
+# than the activations before it (classes=1 after a ReLU), and float32 cancellation then
+# inflates the normalised error of an exact fusion past 1e-5. Blocks above cover float32.
+@given(models(torch.float64, ndims=(1, 2, 3)), st.data())
 def test_drawn_models_fuse_exactly_converge_and_stay_fused(
     model: DrawnModel, data: st.DataObject
 ) -> None:
-    example = model.spec.example_input(batch=1)
+    example = model.spec.example_input(batch=1, dtype=torch.float64)
     options = FusionOptions(validate_rewrites=True)
     fused = fxfuse.optimize(model, (example,), options=options)  # converges: no ConvergenceError
     report = fused.fxfuse_report
@@ -68,7 +71,7 @@ def test_drawn_models_fuse_exactly_converge_and_stay_fused(
         (x,) = data.draw(model_inputs(model))
         with torch.no_grad():
             error = relative_error(model(x), fused(x))
-        assert error <= 1e-5, f"error {error:.3g} at input {tuple(x.shape)}"
+        assert error <= 1e-10, f"error {error:.3g} at input {tuple(x.shape)}"
     before, after = count_ops(model, x), count_ops(fused, x)
     assert after["conv"] <= before["conv"]
     assert after["batch_norm"] == 0 or report.declines, "batch norms left and no reason given"
