@@ -12,9 +12,10 @@ example's; a drawn input the reference rejects is skipped, never a failure.
 Each output (tensors in tuples, lists and dicts, to any depth) is compared with a normalised
 error and a dtype-aware tolerance (:mod:`fxfuse.compare`). On a mismatch hypothesis shrinks the
 input (towards the example's shape, batch 1, normal values) and :class:`~fxfuse.VerificationError`
-carries the result. Runs are deterministic for a ``seed``, use no hypothesis database (nothing is
-written to the working directory), run under ``torch.no_grad()`` with TF32 off, and leave both
-models as they were (buffers a forward pass updates are restored).
+carries the result. Runs are deterministic for a ``seed``, use no hypothesis database and
+write nothing to the working directory (hypothesis' own caches go to a temporary directory),
+run under ``torch.no_grad()`` with TF32 off, and leave both models as they were (buffers a
+forward pass updates are restored).
 
 Called inside a running hypothesis test, the verifier draws its inputs from that test instead
 of starting a nested search, so hypothesis shrinks the model and the inputs together.
@@ -28,6 +29,7 @@ import contextlib
 import importlib
 import logging
 import math
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -342,6 +344,26 @@ class _Job:
         return self._error(failure, inputs, case, how)
 
 
+@contextlib.contextmanager
+def _scratch_storage() -> Iterator[None]:
+    """Even without a database, hypothesis caches the constants it finds in local source files
+    under ``./.hypothesis``; give it a temporary home for the search, then remove it."""
+    from hypothesis import configuration
+
+    try:  # (module-level, so not name-mangled; guarded as it is not public API)
+        previous = vars(configuration)["__hypothesis_home_directory"]
+        set_home = configuration.set_hypothesis_home_dir
+    except (KeyError, AttributeError):  # pragma: no cover - another hypothesis
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="fxfuse-verify-") as scratch:
+        set_home(scratch)
+        try:
+            yield
+        finally:
+            set_home(previous)
+
+
 def _search(job: _Job, cases: Any, examples: int, seed: int, deadline: float | None) -> None:
     """A hypothesis search of its own: ``examples`` inputs, shrunk on failure, deterministic."""
     from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings
@@ -377,7 +399,8 @@ def _search(job: _Job, cases: Any, examples: int, seed: int, deadline: float | N
             raise _Counterexample(case, outcome.failure)
 
     try:
-        agree()
+        with _scratch_storage():
+            agree()
     except _Counterexample as found:
         raise job.error_for(found.case, found.failure, "(shrunk)") from None
     except Unsatisfiable:
