@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxfuse.capture import symbolic_capture
@@ -32,13 +32,13 @@ def _rule_set(rules: RuleSet | Iterable[Rule[Any]] | None) -> RuleSet:
     return rules if isinstance(rules, RuleSet) else RuleSet.of(rules)
 
 
-def _left_alone(gm: GraphModule) -> list[str]:
-    """Notes on modules fxfuse does not touch: quantized ones, and those in training mode."""
+def _left_alone(graph: Graph, ctx: RewriteContext) -> list[str]:
+    """Notes on modules fxfuse does not touch: quantized ones."""
     notes = []
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_module":
             continue
-        module = gm.get_submodule(str(node.target))
+        module = ctx.module(str(node.target))
         if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
             notes.append(f"{node.target} ({type(module).__name__}) is quantized: left alone")
     return notes
@@ -140,28 +140,30 @@ def optimize(
     options = _checked_options(options, example_inputs, verify)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    gm = symbolic_capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    graph = symbolic_capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if example_inputs is not None:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            ShapeProp(GraphModule(model, graph)).propagate(*example_inputs)
     timings["capture"] = time.perf_counter() - start
 
+    ctx = RewriteContext(graph, model, options)
     report = FusionReport(
         capture="torch.fx.symbolic_trace",
-        before=graph_stats(gm, sum(p.numel() for p in model.parameters())),
-        notes=_left_alone(gm),
+        before=graph_stats(graph, ctx.module, sum(p.numel() for p in model.parameters())),
+        notes=_left_alone(graph, ctx),
     )
     start = time.perf_counter()
-    ctx = RewriteContext(gm, options)
     _rule_set(rules).run(ctx)
     timings["rules"] = time.perf_counter() - start
 
     start = time.perf_counter()
     declines = ctx.declines()
-    fused = emit(gm, class_name=f"Fused{type(model).__name__}")
+    fused = emit(graph, ctx.attribute, ctx.attributes, class_name=f"Fused{type(model).__name__}")
     timings["emit"] = time.perf_counter() - start
 
-    report.after = graph_stats(fused)
+    report.after = graph_stats(
+        fused.graph, fused.get_submodule, sum(p.numel() for p in fused.parameters())
+    )
     report.rewrites = ctx.rewrites
     report.declines = declines
     report.counts = ctx.counts

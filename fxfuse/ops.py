@@ -869,7 +869,13 @@ class Combination:
 def _scalar(value: Any) -> Tensor | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return torch.tensor(float(value), dtype=torch.float64)
+    return _float64(float(value))
+
+
+@functools.lru_cache(maxsize=1024)
+def _float64(value: float) -> Tensor:
+    """A 0-d float64 tensor, shared: coefficient arithmetic never works in place."""
+    return torch.tensor(value, dtype=torch.float64)
 
 
 def constant_value(arg: Any, consts: Constants) -> Tensor | None:
@@ -892,8 +898,8 @@ def _linear_operands(node: Node, consts: Constants) -> list[tuple[Tensor, Any]] 
         fn = node.target
     else:
         return None
-    one = torch.tensor(1.0, dtype=torch.float64)
-    kwargs = dict(node.kwargs)
+    one = _float64(1.0)
+    kwargs = node.kwargs
     if fn in _ADD or fn in _SUB:
         if len(node.args) != 2 or set(kwargs) - {"alpha"}:
             return None
@@ -964,7 +970,7 @@ def as_combination(node: Node, consts: Constants) -> Combination | None:
     if len(node.users) == 1 and _absorbs(next(iter(node.users)), node, consts):
         return None
     combo = Combination(node)
-    _flatten(node, torch.tensor(1.0, dtype=torch.float64), combo, consts, root=True)
+    _flatten(node, _float64(1.0), combo, consts, root=True)
     return combo
 
 

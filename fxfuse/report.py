@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
@@ -76,14 +77,14 @@ _ATEN_BN = (
 )
 
 
-def _kind(node: Node, gm: GraphModule) -> str | None:
+def _kind(node: Node, module: Callable[[str], nn.Module]) -> str | None:
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, _ConvNd):
+        mod = module(str(node.target))
+        if isinstance(mod, _ConvNd):
             return "conv"
-        if isinstance(module, _BatchNorm):
+        if isinstance(mod, _BatchNorm):
             return "bn"
-        if isinstance(module, nn.Linear):
+        if isinstance(mod, nn.Linear):
             return "linear"
         return None
     if node.op != "call_function":
@@ -101,15 +102,13 @@ def _kind(node: Node, gm: GraphModule) -> str | None:
     return None
 
 
-def graph_stats(gm: GraphModule, parameters: int | None = None) -> GraphStats:
-    """Count convs, batch norms, linear layers and nodes in ``gm``'s graph.
+def graph_stats(graph: Graph, module: Callable[[str], nn.Module], parameters: int) -> GraphStats:
+    """Count convs, batch norms, linear layers and nodes in ``graph``.
 
-    ``parameters`` defaults to the number of elements in ``gm.parameters()``.
+    ``module`` resolves ``call_module`` targets; ``parameters`` is reported as given.
     """
-    kinds = Counter(_kind(n, gm) for n in gm.graph.nodes)
-    if parameters is None:
-        parameters = sum(p.numel() for p in gm.parameters())
-    return GraphStats(kinds["conv"], kinds["bn"], kinds["linear"], parameters, len(gm.graph.nodes))
+    kinds = Counter(_kind(n, module) for n in graph.nodes)
+    return GraphStats(kinds["conv"], kinds["bn"], kinds["linear"], parameters, len(graph.nodes))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
@@ -167,7 +167,7 @@ class RuleSet:
         )
 
     def run(self, ctx: RewriteContext) -> None:
-        """Rewrite ``ctx.gm``'s graph until no rule fires (bounded)."""
+        """Rewrite ``ctx.graph`` until no rule fires (bounded)."""
         budget = 4 * len(ctx.graph.nodes) + 64
         for _ in range(ctx.options.max_rounds):
             fired = sum(_run_stage(stage, ctx, budget) for stage in self.stages)
@@ -244,21 +244,23 @@ class RewriteContext:
 
     def __init__(
         self,
-        gm: GraphModule,
+        graph: Graph,
+        root: nn.Module,
         options: FusionOptions | None = None,
         bound: dict[Node, Tensor] | None = None,
     ):
-        self.gm = gm
-        self.graph = gm.graph
+        self.graph = graph
+        self.root = root
         self.options = options or FusionOptions()
         self.bound = bound or {}
+        # attributes fxfuse adds (new constants), by target; emission owns them
+        self.attributes: dict[str, Any] = {}
         self.counts: Counter[str] = Counter()
         self.rewrites: list[Rewrite] = []
         self._declines: dict[tuple[str, Node], tuple[str, bool]] = {}
-        self._modules: dict[str, nn.Module] = dict(gm.named_modules())
+        self._modules: dict[str, nn.Module] = dict(root.named_modules())
         self._queue: deque[Node] = deque()
         self._queued: set[Node] = set()
-        self._constants = 0
         self.validator: RewriteValidator | None = (
             RewriteValidator(self) if self.options.validate_rewrites else None
         )
@@ -270,20 +272,27 @@ class RewriteContext:
         if not isinstance(arg, Node):
             return None
         if arg.op == "get_attr":
-            value = self._attribute(str(arg.target))
+            value = self.attribute(str(arg.target))
             return value if isinstance(value, Tensor) else None
         return self.bound.get(arg)
 
     def module(self, target: str) -> nn.Module:
+        """The submodule a ``call_module`` target names."""
         module = self._modules.get(target)
         if module is None:
-            module = self.gm.get_submodule(target)
+            module = self.root.get_submodule(target)
             self._modules[target] = module
         return module
 
-    def _attribute(self, target: str) -> Any:
+    def attribute(self, target: str) -> Any:
+        """What a ``get_attr``/``call_module`` target names (``None`` if nothing)."""
+        if target in self.attributes:
+            return self.attributes[target]
         owner, _, name = target.rpartition(".")
-        return getattr(self.module(owner) if owner else self.gm, name, None)
+        try:
+            return getattr(self.module(owner) if owner else self.root, name, None)
+        except AttributeError:
+            return None
 
     # -- views -----------------------------------------------------------------------------
 
@@ -339,10 +348,9 @@ class RewriteContext:
         return self.graph.call_function(fn, args, kwargs)
 
     def constant(self, value: Tensor, hint: str = "constant") -> Node:
-        """A new attribute holding ``value`` (a buffer of the module) and its ``get_attr``."""
-        name = f"_fxfuse_{hint}_{self._constants}"
-        self._constants += 1
-        self.gm.register_buffer(name, value.detach().clone())
+        """A new attribute holding ``value`` (a buffer of the result) and its ``get_attr``."""
+        name = f"_fxfuse_{hint}_{len(self.attributes)}"
+        self.attributes[name] = value.detach().clone()
         return self.graph.get_attr(name)
 
     def count(self, name: str, n: int = 1) -> None:

@@ -58,12 +58,12 @@ class _Uncheckable(Exception):
 @dataclass
 class _Attempt:
     """What a rewrite in progress may need undoing: where its nodes start, and the counts and
-    buffers from before it."""
+    constants from before it."""
 
     root: Node
     before: Node  # the node before match.root when the rewrite began
     counts: Counter[str]
-    buffers: frozenset[str]
+    attributes: frozenset[str]
 
     def created(self) -> list[Node]:
         """The nodes the rewrite inserted, in graph order."""
@@ -91,7 +91,7 @@ class RewriteValidator:
         failed (then the graph is as before and the decline is recorded)."""
         ctx = self.ctx
         attempt = _Attempt(
-            match.root, match.root.prev, Counter(ctx.counts), frozenset(ctx.gm._buffers)
+            match.root, match.root.prev, Counter(ctx.counts), frozenset(ctx.attributes)
         )
         try:
             with ctx.graph.inserting_before(match.root):
@@ -167,8 +167,8 @@ class RewriteValidator:
         ctx = self.ctx
         for node in reversed(attempt.created()):
             ctx.graph.erase_node(node)
-        for name in set(ctx.gm._buffers) - attempt.buffers:
-            del ctx.gm._buffers[name]
+        for target in set(ctx.attributes) - attempt.attributes:
+            del ctx.attributes[target]
         ctx.counts.clear()
         ctx.counts.update(attempt.counts)
 
@@ -228,7 +228,7 @@ def _evaluate(order: list[Node], env: dict[Node, Any], ctx: RewriteContext) -> d
             args = map_arg(node.args, env.__getitem__)
             kwargs = map_arg(node.kwargs, env.__getitem__)
             if node.op == "get_attr":
-                env[node] = ctx._attribute(str(node.target))
+                env[node] = ctx.attribute(str(node.target))
             elif node.op == "call_function":
                 env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
             elif node.op == "call_method":
@@ -244,7 +244,7 @@ def _evaluate(order: list[Node], env: dict[Node, Any], ctx: RewriteContext) -> d
 def _default_device(ctx: RewriteContext) -> torch.device:
     """Where activations live when the graph does not say: the model's first tensor's device
     (``ShapeProp`` records shapes and dtypes, not devices)."""
-    for tensor in (*ctx.gm.parameters(), *ctx.gm.buffers()):
+    for tensor in (*ctx.root.parameters(), *ctx.root.buffers()):
         return tensor.device
     return torch.device("cpu")
 

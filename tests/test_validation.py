@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fxfuse.passes import default_rules
 from fxfuse.passes.fold_bn import FoldBatchNorm, LayerBatchNorm
 from torch import Tensor, nn
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 import fxfuse
@@ -120,36 +120,36 @@ def test_verify_takes_the_verifiers_knobs() -> None:
     assert verification.examples <= 4
 
 
-def _rewrite_once(model: nn.Module, rule: Rule[Match]) -> tuple[RewriteContext, str, str]:
-    gm = symbolic_capture(model)
-    ShapeProp(gm).propagate(*X)
-    before = gm.code
-    ctx = RewriteContext(gm, FusionOptions(validate_rewrites=True))
-    RuleSet.of([rule]).run(ctx)
-    gm.graph.lint()
-    gm.recompile()
-    return ctx, before, gm.code
+def _context(
+    model: nn.Module, *inputs: Tensor, bound: dict[Node, Tensor] | None = None
+) -> RewriteContext:
+    """A validating rewrite context on ``model``'s graph, shapes recorded from ``inputs``."""
+    graph = symbolic_capture(model)
+    if inputs:
+        ShapeProp(GraphModule(model, graph)).propagate(*inputs)
+    return RewriteContext(graph, model, FusionOptions(validate_rewrites=True), bound)
 
 
 @pytest.mark.parametrize("rule", [FoldForgettingTheShift(), ScaleByConstant(), Crashes()])
 def test_a_rollback_leaves_the_graph_as_it_was(rule: Rule[Match]) -> None:
     model = _model()
-    buffers = set(dict(symbolic_capture(model).named_buffers()))
-    ctx, before, after = _rewrite_once(model, rule)
-    assert after == before
-    assert set(dict(ctx.gm.named_buffers())) == buffers  # no constant of a rolled-back rewrite
+    ctx = _context(model, *X)
+    before = ctx.graph.python_code("self").src
+    RuleSet.of([rule]).run(ctx)
+    ctx.graph.lint()
+    assert ctx.graph.python_code("self").src == before
+    assert not ctx.attributes  # no constant of a rolled-back rewrite is left
     assert not ctx.counts and not ctx.rewrites
     declines = ctx.declines()
     assert declines and {d.rule for d in declines} == {rule.name}
     if isinstance(rule, Crashes):
         assert "raised RuntimeError: index out of range in my rule" in declines[0].reason
     with torch.no_grad():
-        assert torch.equal(ctx.gm(*X), model(*X))
+        assert torch.equal(GraphModule(model, ctx.graph)(*X), model(*X))
 
 
 def test_rewrites_without_recorded_shapes_are_applied_and_counted_unchecked() -> None:
-    gm = symbolic_capture(_model())  # no ShapeProp: nothing to draw the frontier from
-    ctx = RewriteContext(gm, FusionOptions(validate_rewrites=True))
+    ctx = _context(_model())  # no shapes recorded: nothing to draw the frontier from
     default_rules().run(ctx)
     assert ctx.validator is not None
     assert ctx.validator.stats["not checkable"] == len(ctx.rewrites) > 0
@@ -163,7 +163,8 @@ def test_validation_costs_nothing_when_off(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr("fxfuse.rules.RewriteValidator", explode)
     fused = fxfuse.optimize(_model(), X)
     assert fused.fxfuse_report.validation is None
-    assert RewriteContext(symbolic_capture(_model())).validator is None
+    model = _model()
+    assert RewriteContext(symbolic_capture(model), model).validator is None
 
 
 def test_the_default_rules_pass_validation_on_a_whole_network() -> None:
@@ -211,11 +212,12 @@ def test_weights_bound_to_graph_inputs_keep_their_values() -> None:
             return F.batch_norm(F.conv2d(x, w, padding=1), mean, var)
 
     w, mean, var = torch.randn(4, 4, 3, 3), torch.randn(4), torch.rand(4) + 0.5
-    gm = symbolic_capture(Functional())
-    ShapeProp(gm).propagate(X[0], w, mean, var)
-    weights = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]
+    model = Functional()
+    graph = symbolic_capture(model)
+    ShapeProp(GraphModule(model, graph)).propagate(X[0], w, mean, var)
+    weights = [n for n in graph.nodes if n.op == "placeholder"][1:]
     bound = dict(zip(weights, (w, mean, var), strict=True))
-    ctx = RewriteContext(gm, FusionOptions(validate_rewrites=True), bound=bound)
+    ctx = RewriteContext(graph, model, FusionOptions(validate_rewrites=True), bound)
     default_rules().run(ctx)
     assert ctx.counts["fold-bn"] == 1
     assert ctx.validator is not None and ctx.validator.stats == {"validated": 1}
