@@ -144,6 +144,9 @@ def optimize(
     if example_inputs is not None:
         with torch.no_grad():
             ShapeProp(GraphModule(model, graph)).propagate(*example_inputs)
+        # that GraphModule only recorded shapes: emission adds submodules it never had, and
+        # torch.fx checks new call_module targets against a graph's owning module
+        graph.owning_module = None
     timings["capture"] = time.perf_counter() - start
 
     ctx = RewriteContext(graph, model, options)

@@ -237,3 +237,11 @@ def test_optimizing_a_deep_copy_gives_the_same_weights() -> None:
     b = fxfuse.optimize(copy.deepcopy(model))
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert na == nb and torch.equal(pa, pb)
+
+
+def test_example_inputs_record_shapes_and_the_result_still_builds() -> None:
+    # regression: the GraphModule built to record shapes stayed the graph's owner, and emission
+    # then failed to add the fused convs (AttributeError: Module has no attribute ...)
+    x = torch.randn(1, 3, 16, 16)
+    fused, _, _ = fuse_and_check(repvgg_net(), x, convs=5, example_inputs=(x,))
+    assert fused.graph.owning_module is fused
