@@ -127,6 +127,7 @@ def _context(
     graph = symbolic_capture(model)
     if inputs:
         ShapeProp(GraphModule(model, graph)).propagate(*inputs)
+        graph.owning_module = None  # as optimize does: rules add attributes it never had
     return RewriteContext(graph, model, FusionOptions(validate_rewrites=True), bound)
 
 
@@ -215,6 +216,7 @@ def test_weights_bound_to_graph_inputs_keep_their_values() -> None:
     model = Functional()
     graph = symbolic_capture(model)
     ShapeProp(GraphModule(model, graph)).propagate(X[0], w, mean, var)
+    graph.owning_module = None
     weights = [n for n in graph.nodes if n.op == "placeholder"][1:]
     bound = dict(zip(weights, (w, mean, var), strict=True))
     ctx = RewriteContext(graph, model, FusionOptions(validate_rewrites=True), bound)
