@@ -18,6 +18,7 @@ from fxfuse.emit import emit
 from fxfuse.errors import TrainingModeError, VerificationError
 from fxfuse.report import FusionReport, graph_stats
 from fxfuse.rules import FusionOptions, RewriteContext, Rule, RuleSet
+from fxfuse.verify import buffers_restored
 
 __all__ = ["optimize"]
 
@@ -142,7 +143,8 @@ def optimize(
     start = time.perf_counter()
     graph = symbolic_capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if example_inputs is not None:
-        with torch.no_grad():
+        # (it runs the caller's modules: a batch norm in training mode would update its stats)
+        with torch.no_grad(), buffers_restored(model):
             ShapeProp(GraphModule(model, graph)).propagate(*example_inputs)
         # that GraphModule only recorded shapes: emission adds submodules it never had, and
         # torch.fx checks new call_module targets against a graph's owning module

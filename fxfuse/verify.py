@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from fxfuse.compare import Comparison, Difference, compare_outputs
 from fxfuse.errors import NondeterministicError, VerificationError
 
-__all__ = ["VerificationReport", "verify"]
+__all__ = ["VerificationReport", "buffers_restored", "verify"]
 
 log = logging.getLogger("fxfuse")
 
@@ -132,7 +132,7 @@ def _ieee_float32(active: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _unchanged(*models: Any) -> Iterator[None]:
+def buffers_restored(*models: Any) -> Iterator[None]:
     """Restore every buffer a forward pass updates in place (a batch norm in training mode
     updates its running statistics); parameters are never written under ``no_grad``."""
     saved = [
@@ -481,7 +481,7 @@ def verify(
     models = (reference, candidate)
     with (
         torch.no_grad(),
-        _unchanged(*models),
+        buffers_restored(*models),
         _ieee_float32(_on_cuda(models, example)),
     ):
         job.check_example()
