@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.fx import Node
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fxfuse.compare import compare_outputs
 from fxfuse.report import Decline
@@ -53,6 +54,11 @@ TRIALS = 2
 
 class _Uncheckable(Exception):
     """The old subgraph cannot be evaluated on drawn values; the reason says why."""
+
+
+class _BatchStatistics(Exception):
+    """The old subgraph has a batch norm in training mode: it is no fixed function, so no
+    rewrite of it is exact (and running it would change the caller's statistics)."""
 
 
 @dataclass
@@ -118,6 +124,11 @@ class RewriteValidator:
                 env = self._draw(frontier, attempt.root.name, trial)
                 try:
                     expected = _evaluate(old_order, dict(env), self.ctx)[attempt.root]
+                except _BatchStatistics as bn:
+                    return (
+                        f"it replaces {bn}, a batch norm in training mode (batch statistics: "
+                        "no fixed function to rewrite); rolled back"
+                    )
                 except _Uncheckable:
                     raise
                 except Exception as error:  # e.g. the values need a relation drawing lacks
@@ -235,7 +246,10 @@ def _evaluate(order: list[Node], env: dict[Node, Any], ctx: RewriteContext) -> d
                 self_, *rest = args
                 env[node] = getattr(self_, str(node.target))(*rest, **kwargs)
             elif node.op == "call_module":
-                env[node] = ctx.module(str(node.target))(*args, **kwargs)
+                module = ctx.module(str(node.target))  # the caller's: it must not change
+                if isinstance(module, _BatchNorm) and module.training:
+                    raise _BatchStatistics(node.name)
+                env[node] = module(*args, **kwargs)
             else:
                 raise _Uncheckable(f"cannot evaluate a {node.op} node ({node.name})")
     return env

@@ -223,3 +223,30 @@ def test_weights_bound_to_graph_inputs_keep_their_values() -> None:
     default_rules().run(ctx)
     assert ctx.counts["fold-bn"] == 1
     assert ctx.validator is not None and ctx.validator.stats == {"validated": 1}
+
+
+class FoldsEvenInTraining(FoldBatchNorm):
+    """A faulty rule that ignores the training-mode check."""
+
+    name = "fold-bn-in-training"
+
+    def check(self, match: LayerBatchNorm, ctx: RewriteContext) -> str | None:
+        return None
+
+
+def test_checking_never_changes_the_callers_model() -> None:
+    model = _model()
+    model[1].dense[1].train()  # its running statistics change if anything runs it
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # (not verify=True: the result puts that batch norm in eval mode, which the end-to-end
+    # check rightly flags; see the report of issue 3)
+    options = FusionOptions(validate_rewrites=True)
+    faulty = fxfuse.optimize(model, X, rules=_first(FoldsEvenInTraining()), options=options)
+    reasons = [d.reason for d in faulty.fxfuse_report.declines if d.rule == "fold-bn-in-training"]
+    assert len(reasons) == 1 and "a batch norm in training mode" in reasons[0]
+    assert faulty.fxfuse_report.counts["fold-bn-in-training"] == 3  # the eval-mode ones
+    fused = fxfuse.optimize(model, X, options=options)
+    assert fused.fxfuse_report.validation["rolled back"] == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert model[1].dense[1].training and not model[0].dense[1].training
