@@ -149,6 +149,20 @@ def _lower(graph: Graph, node: Node, paths: _Paths, owned: dict[str, Any]) -> No
     graph.erase_node(node)
 
 
+def _drop_dead_pure_nodes(graph: Graph) -> None:
+    """Erase unused attribute reads and pure function calls (``x.ndim`` nobody reads any more).
+
+    Unused module calls stay: a module may have side effects fxfuse cannot see.
+    """
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op not in ("get_attr", "call_function", "call_method"):
+            continue
+        if node.op == "call_method" and str(node.target).endswith("_"):
+            continue
+        if not node.is_impure():
+            graph.erase_node(node)
+
+
 def emit(
     graph: Graph, resolve: Callable[[str], Any], created: dict[str, Any], class_name: str
 ) -> GraphModule:
@@ -158,6 +172,7 @@ def emit(
     (by target). Everything the caller's model would share with the result is deep-copied,
     with one memo so weight tying survives.
     """
+    _drop_dead_pure_nodes(graph)
     targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
     owned: dict[str, Any] = {t: created[t] for t in targets if t in created}
     paths = _Paths(targets)

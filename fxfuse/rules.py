@@ -47,6 +47,8 @@ from fxfuse.ops import (
     as_combination,
     as_conv,
     fused_layer,
+    reads_metadata_only,
+    value_users,
 )
 from fxfuse.report import Decline, Rewrite
 from fxfuse.validate import RewriteValidator
@@ -83,11 +85,15 @@ class Match:
     """What a rule's pattern found. ``root`` is the node the rewrite replaces.
 
     ``excluded`` lists nodes the pattern saw but left out, with the reason (a branch whose
-    output has another consumer, say); they are reported as declines.
+    output has another consumer, say); they are reported as declines. ``absorbed`` lists the
+    nodes that disappear with the root and have its shape (see :func:`fxfuse.ops.value_users`).
     """
 
     root: Node
     excluded: list[tuple[Node, str]] = field(default_factory=list, kw_only=True)
+    # nodes that disappear with the root and have its shape and dtype: reads of their metadata
+    # (``x.shape``, ``x.ndim`` in an assert) move to the replacement
+    absorbed: list[Node] = field(default_factory=list, kw_only=True)
 
 
 MatchT = TypeVar("MatchT", bound=Match)
@@ -195,6 +201,18 @@ def _run_stage(stage: Stage, ctx: RewriteContext, budget: int) -> int:
     return fired
 
 
+SHAPE_CYCLE = "the rewritten value would depend on the shape of a node it removes"
+
+
+def _nodes_between(first: Node, last: Node) -> list[Node]:
+    """The nodes strictly between ``first`` and ``last``, in order."""
+    nodes, node = [], first.next
+    while node is not last:
+        nodes.append(node)
+        node = node.next
+    return nodes
+
+
 def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
     ctx._forget(rule, node)
     for match in rule.matches(node, ctx):
@@ -206,16 +224,29 @@ def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
             log.debug("%s declined at %s: %s", rule.name, match.root.name, reason)
             continue
         detail = rule.describe(match)
-        root_name = match.root.name
+        root = match.root
+        root_name, last_before = root.name, root.prev
         if ctx.validator is None:
-            with ctx.graph.inserting_before(match.root):
+            with ctx.graph.inserting_before(root):
                 new = rule.rewrite(match, ctx)
-        else:  # checked against the subgraph it replaces; rolled back and declined if wrong
-            checked = ctx.validator.rewrite(rule, match)
-            if checked is None:
+        else:  # a rule whose rewrite raises is rolled back and declined
+            built = ctx.validator.rewrite(rule, match)
+            if built is None:
                 continue
-            new = checked
-        ctx.replace(match.root, new)
+            new = built
+        created = _nodes_between(last_before, root)
+        readers = ctx._metadata_readers(match.absorbed)
+        moved = ctx._dependents_before(new, [r for r, _ in readers if r < new])
+        cycle = set(moved)
+        if not cycle.isdisjoint(created) or not cycle.isdisjoint(new.all_input_nodes):
+            # the replacement needs the shape of a node it removes: roll back
+            for n in reversed(created):
+                ctx.graph.erase_node(n)
+            ctx._decline(rule, root, SHAPE_CYCLE)
+            continue
+        if ctx.validator is not None and not ctx.validator.check(rule, match, new):
+            continue  # it differs from what it replaces on random inputs: rolled back, declined
+        ctx.replace(root, new, readers, moved)
         ctx.counts[rule.name] += 1
         ctx.rewrites.append(Rewrite(rule.name, root_name, detail))
         log.debug("%s at %s: %s", rule.name, root_name, detail)
@@ -359,16 +390,54 @@ class RewriteContext:
 
     # -- graph surgery (the driver's) --------------------------------------------------------
 
-    def replace(self, old: Node, new: Node) -> None:
-        """Point every user of ``old`` at ``new``, drop what became dead, and requeue."""
+    def replace(
+        self,
+        old: Node,
+        new: Node,
+        readers: Sequence[tuple[Node, Node]] = (),
+        moved: Sequence[Node] = (),
+    ) -> None:
+        """Point every user of ``old`` at ``new``, and each metadata ``reader`` of an absorbed
+        node too (after moving the ``moved`` nodes behind ``new``); drop what became dead;
+        requeue what may match now."""
         for key in ("nn_module_stack", "stack_trace"):
             if key in old.meta and key not in new.meta:
                 new.meta[key] = old.meta[key]
         old.replace_all_uses_with(new)
+        for reader, node in readers:
+            reader.replace_input_with(node, new)
+        for node in reversed(moved):
+            new.append(node)
         self._erase_dead(old)
         self._push(new)
         for user in new.users:
             self._push_upwards(user)
+
+    @staticmethod
+    def _metadata_readers(absorbed: Sequence[Node]) -> list[tuple[Node, Node]]:
+        """``(reader, node)`` for every user that only reads an absorbed node's metadata."""
+        return [
+            (user, node)
+            for node in absorbed
+            for user in node.users
+            if reads_metadata_only(user, node)
+        ]
+
+    @staticmethod
+    def _dependents_before(anchor: Node, early: Sequence[Node]) -> list[Node]:
+        """``early`` and every node before ``anchor`` that depends on them, in graph order:
+        what must move behind ``anchor`` once ``early`` reads it."""
+        if not early:
+            return []
+        moving: set[Node] = set(early)
+        ordered = []
+        node = min(early)
+        while node is not anchor:
+            if node in moving or any(i in moving for i in node.all_input_nodes):
+                moving.add(node)
+                ordered.append(node)
+            node = node.next
+        return ordered
 
     def _erasable(self, node: Node) -> bool:
         return not node.users and self._removable(node)
@@ -428,9 +497,10 @@ class RewriteContext:
         """Queue ``node`` and the single-use chain above it (the roots of sums it is in)."""
         for _ in range(64):
             self._push(node)
-            if len(node.users) != 1:
+            users = value_users(node)
+            if len(users) != 1:
                 return
-            node = next(iter(node.users))
+            node = users[0]
 
     # -- declines ----------------------------------------------------------------------------
 

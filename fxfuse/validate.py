@@ -40,6 +40,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fxfuse.compare import compare_outputs
+from fxfuse.ops import value_users
 from fxfuse.report import Decline
 
 if TYPE_CHECKING:
@@ -91,25 +92,34 @@ class RewriteValidator:
         # every rolled-back rewrite: reported even where another rule later fuses that node
         self.failures: list[Decline] = []
         self._device = _default_device(ctx)
+        self._attempt: _Attempt | None = None
 
     def rewrite(self, rule: Rule[Any], match: Match) -> Node | None:
-        """Apply ``rule`` at ``match`` and check it; the replacement node, or ``None`` when it
-        failed (then the graph is as before and the decline is recorded)."""
+        """Build ``rule``'s replacement at ``match`` (remembering what to undo); ``None`` when
+        the rule raised (then the graph is as before and the decline is recorded)."""
         ctx = self.ctx
-        attempt = _Attempt(
+        self._attempt = _Attempt(
             match.root, match.root.prev, Counter(ctx.counts), frozenset(ctx.attributes)
         )
         try:
             with ctx.graph.inserting_before(match.root):
-                new = rule.rewrite(match, ctx)
+                return rule.rewrite(match, ctx)
         except Exception as error:  # a rule's bug must not take the model down with it
-            self._roll_back(attempt)
-            return self._fail(rule, match, f"its rewrite raised {type(error).__name__}: {error}")
+            self._roll_back(self._attempt)
+            self._fail(rule, match, f"its rewrite raised {type(error).__name__}: {error}")
+            return None
+
+    def check(self, rule: Rule[Any], match: Match, new: Node) -> bool:
+        """Whether the replacement ``new`` that :meth:`rewrite` just built computes what
+        ``match.root`` does; if not, it is rolled back and the decline recorded."""
+        attempt = self._attempt
+        assert attempt is not None and attempt.root is match.root
         failure = self._check(attempt, new)
         if failure is None:
-            return new
+            return True
         self._roll_back(attempt)
-        return self._fail(rule, match, failure)
+        self._fail(rule, match, failure)
+        return False
 
     # -- checking ----------------------------------------------------------------------------
 
@@ -192,8 +202,9 @@ class RewriteValidator:
 
 
 def _dying(root: Node, keep: list[Node], erasable: Any) -> set[Node]:
-    """``root`` and the nodes that die once it is replaced: those all of whose users die,
-    unless the replacement (``keep``) reads them or the driver would not erase them."""
+    """``root`` and the nodes that die once it is replaced: those all of whose value users
+    die (reads of their shape move to the replacement), unless the replacement (``keep``)
+    reads them or the driver would not erase them."""
     kept = set(keep)
     for node in keep:
         kept.update(node.all_input_nodes)
@@ -203,7 +214,7 @@ def _dying(root: Node, keep: list[Node], erasable: Any) -> set[Node]:
         node = stack.pop()
         if node in dying or node in kept or not erasable(node):
             continue
-        if all(user in dying for user in node.users):
+        if all(user in dying for user in value_users(node)):
             dying.add(node)
             stack.extend(node.all_input_nodes)
     return dying

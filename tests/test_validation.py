@@ -18,6 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 import fxfuse
 from fxfuse import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
 from fxfuse.capture import symbolic_capture
+from fxfuse.rules import SHAPE_CYCLE
 from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
 from fxfuse.zoo import RepVGGBlock, repvgg_net
 
@@ -250,3 +251,31 @@ def test_checking_never_changes_the_callers_model() -> None:
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert model[1].dense[1].training and not model[0].dense[1].training
+
+
+def test_shape_reads_of_removed_nodes_do_not_fail_validation() -> None:
+    # timm asserts x.ndim on every batch-norm input; the driver moves such reads to the
+    # replacement, so the check must not take the conv output they read as a live input
+    from tests.test_fold_bn import AssertingBN
+
+    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(4, 6, 3, bias=False), AssertingBN(6)))
+    model.eval()
+    fused = fxfuse.optimize(model, X, verify=True)
+    report = fused.fxfuse_report
+    assert report.counts["fold-bn"] == 1 and "ndim" in fused.code
+    assert report.validation == {"validated": 1}
+
+
+def test_a_shape_cycle_is_still_declined_with_validation_on() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            a = self.a(x)
+            return a + self.b(x) + a.size(1)
+
+    fused = fxfuse.optimize(Block().eval(), X, verify=True)
+    assert [d.reason for d in fused.fxfuse_report.declines] == [SHAPE_CYCLE]
+    assert fused.fxfuse_report.validation["rolled back"] == 0
