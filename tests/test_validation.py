@@ -267,15 +267,17 @@ def test_shape_reads_of_removed_nodes_do_not_fail_validation() -> None:
 
 
 def test_a_shape_cycle_is_still_declined_with_validation_on() -> None:
-    class Block(nn.Module):
+    # the merge would need the shape of a branch it removes (see test_fold_bn): the driver
+    # declines it before the numeric check, which must then neither run nor count it
+    class AddsABranchShape(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+            self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)])
 
         def forward(self, x: Tensor) -> Tensor:
-            a = self.a(x)
-            return a + self.b(x) + a.size(1)
+            first, second = (conv(x) for conv in self.convs)
+            return first + second + first.size(1)
 
-    fused = fxfuse.optimize(Block().eval(), X, verify=True)
+    fused = fxfuse.optimize(AddsABranchShape().eval(), X, verify=True)
     assert [d.reason for d in fused.fxfuse_report.declines] == [SHAPE_CYCLE]
-    assert fused.fxfuse_report.validation["rolled back"] == 0
+    assert fused.fxfuse_report.validation == {}
