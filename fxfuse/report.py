@@ -118,7 +118,11 @@ class FusionReport:
     ``rewrites`` lists every rule firing; ``declines`` every place a rule's pattern matched but
     a condition failed, with the reason; ``notes`` what was left alone and why (quantized
     modules, training-mode layers); ``before``/``after`` count ops; ``timings`` are seconds per
-    phase. ``str(report)`` is a table for people, :meth:`to_dict` is for programs.
+    phase; ``str(report)`` is a table for people, :meth:`to_dict` is for programs.
+
+    With per-rewrite validation on, ``validation`` counts rewrites ``validated``, ``rolled
+    back`` and ``not checkable``; with ``optimize(..., verify=True)``, ``verification`` is the
+    :class:`~fxfuse.verify.VerificationReport`.
     """
 
     capture: str
@@ -129,10 +133,14 @@ class FusionReport:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
+    validation: Counter[str] | None = None
+    verification: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["counts"] = dict(self.counts)
+        data["validation"] = None if self.validation is None else dict(self.validation)
+        data["verification"] = None if self.verification is None else str(self.verification)
         return data
 
     def __str__(self) -> str:
@@ -162,6 +170,13 @@ class FusionReport:
                 lines.append(f"  {d.rule} at {d.node}: {d.reason}")
         for note in self.notes:
             lines.append(f"note: {note}")
+        if self.validation is not None:
+            checks = ", ".join(
+                f"{self.validation[k]} {k}" for k in ("validated", "rolled back", "not checkable")
+            )
+            lines.append(f"rewrites checked on random inputs: {checks}")
+        if self.verification is not None:
+            lines.append(str(self.verification))
         if self.timings:
             timing = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.timings.items())
             lines.append(f"time: {timing}")

@@ -51,6 +51,7 @@ from fxfuse.ops import (
     value_users,
 )
 from fxfuse.report import Decline, Rewrite
+from fxfuse.validate import RewriteValidator
 
 __all__ = ["FusionOptions", "Match", "RewriteContext", "Rule", "RuleSet", "Stage"]
 
@@ -65,10 +66,18 @@ class FusionOptions:
     replaces (a dilated 3×3 beside a 3×3 spreads into a 5×5: 25 taps instead of 18), since
     one conv saves a pass over memory per branch; it never may cost more than this factor,
     which stops a depthwise kernel from being densified (≈ 9C/(C+9)×).
+
+    ``validate_rewrites``: check every rewrite as it is applied — the subgraph it replaces
+    and its replacement are evaluated on the same random inputs (shapes recorded from
+    ``optimize``'s ``example_inputs``, which it then needs) and compared; a rewrite that
+    differs, or whose rule raises, is rolled back and reported as a decline. Costs about two
+    forward passes of the rewritten region per rewrite; nothing when off. See
+    :mod:`fxfuse.validate`. ``optimize(..., verify=True)`` turns it on.
     """
 
     max_flops_ratio: float = 1.5
     max_rounds: int = 16
+    validate_rewrites: bool = False
 
 
 @dataclass
@@ -217,8 +226,14 @@ def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
         detail = rule.describe(match)
         root = match.root
         root_name, last_before = root.name, root.prev
-        with ctx.graph.inserting_before(root):
-            new = rule.rewrite(match, ctx)
+        if ctx.validator is None:
+            with ctx.graph.inserting_before(root):
+                new = rule.rewrite(match, ctx)
+        else:  # a rule whose rewrite raises is rolled back and declined
+            built = ctx.validator.rewrite(rule, match)
+            if built is None:
+                continue
+            new = built
         created = _nodes_between(last_before, root)
         readers = ctx._metadata_readers(match.absorbed)
         moved = ctx._dependents_before(new, [r for r, _ in readers if r < new])
@@ -229,6 +244,8 @@ def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
                 ctx.graph.erase_node(n)
             ctx._decline(rule, root, SHAPE_CYCLE)
             continue
+        if ctx.validator is not None and not ctx.validator.check(rule, match, new):
+            continue  # it differs from what it replaces on random inputs: rolled back, declined
         ctx.replace(root, new, readers, moved)
         ctx.counts[rule.name] += 1
         ctx.rewrites.append(Rewrite(rule.name, root_name, detail))
@@ -275,6 +292,9 @@ class RewriteContext:
         self._modules: dict[str, nn.Module] = dict(root.named_modules())
         self._queue: deque[Node] = deque()
         self._queued: set[Node] = set()
+        self.validator: RewriteValidator | None = (
+            RewriteValidator(self) if self.options.validate_rewrites else None
+        )
 
     # -- constants --------------------------------------------------------------------------
 
@@ -420,7 +440,11 @@ class RewriteContext:
         return ordered
 
     def _erasable(self, node: Node) -> bool:
-        if node.users or node.op in ("placeholder", "output"):
+        return not node.users and self._removable(node)
+
+    def _removable(self, node: Node) -> bool:
+        """Whether the driver erases ``node`` once nothing uses it."""
+        if node.op in ("placeholder", "output"):
             return False
         if node.op == "get_attr":
             return True
