@@ -5,8 +5,9 @@ Training-time networks sum redundant linear branches (RepVGG's 3×3 + 1×1 + ide
 graph so each such block is one conv::
 
     import fxfuse
-    fused = fxfuse.optimize(model.eval())
+    fused = fxfuse.optimize(model.eval(), (x,), verify=True)   # checked on drawn inputs
     print(fused.fxfuse_report)
+    fxfuse.verify(model, other_candidate, (x,))  # or check any candidate yourself
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ from __future__ import annotations
 import logging
 
 from fxfuse.api import optimize
-from fxfuse.errors import CaptureError, ConvergenceError, FxFuseError, TrainingModeError
+from fxfuse.errors import (
+    CaptureError,
+    ConvergenceError,
+    FxFuseError,
+    NondeterministicError,
+    TrainingModeError,
+    VerificationError,
+)
 from fxfuse.report import Decline, FusionReport, GraphStats, Rewrite
 from fxfuse.rules import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
+from fxfuse.verify import VerificationReport, verify
 
 __all__ = [
     "CaptureError",
@@ -27,13 +36,17 @@ __all__ = [
     "FxFuseError",
     "GraphStats",
     "Match",
+    "NondeterministicError",
     "Rewrite",
     "RewriteContext",
     "Rule",
     "RuleSet",
     "Stage",
     "TrainingModeError",
+    "VerificationError",
+    "VerificationReport",
     "optimize",
+    "verify",
 ]
 
 __version__ = "0.1.0"

@@ -42,8 +42,9 @@ import torch
 from torch import Tensor, nn
 
 import fxfuse
+from fxfuse.compare import tolerance_for
 from fxfuse.console import format_seconds, progress, table
-from fxfuse.testing import TOLERANCE, count_ops_profiled, relative_error
+from fxfuse.testing import count_ops_profiled, relative_error
 
 __all__ = [
     "VARIANTS",
@@ -131,7 +132,7 @@ def _verify(model: nn.Module, fused: nn.Module, inputs: tuple[Tensor, ...]) -> N
     with torch.no_grad():
         error = relative_error(model(*inputs), fused(*inputs))
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    if error > TOLERANCE.get(dtype, 1e-5):
+    if error > tolerance_for(dtype):
         raise AssertionError(f"fused model differs from the original: error {error:.2e}")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Proxy
+from torch.fx import Graph, Proxy
 from torch.fx import Tracer as FxTracer
 from torch.fx.proxy import TraceError
 
@@ -37,7 +37,7 @@ class Tracer(FxTracer):
         self.extra_leaves = tuple(leaf_modules)
         self._names: dict[int, str] = {}
 
-    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> Graph:
         self._names = {}
         if isinstance(root, nn.Module):
             for name, buffer in root.named_buffers():
@@ -77,14 +77,17 @@ def symbolic_capture(
     *,
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
-) -> GraphModule:
-    """``model`` as a ``GraphModule`` by symbolic tracing; :class:`CaptureError` if it cannot be."""
+) -> Graph:
+    """``model``'s forward as a ``torch.fx.Graph`` whose targets name attributes of ``model``.
+
+    Raises :class:`CaptureError` when symbolic tracing fails. No ``GraphModule`` is built here:
+    fxfuse builds exactly one, for the result.
+    """
     tracer = Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args)
+        return tracer.trace(model, concrete_args)
     except Exception as error:
         raise CaptureError(_explain(model, error)) from error
-    return GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

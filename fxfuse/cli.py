@@ -28,16 +28,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 from torch.nn.modules.conv import _ConvNd
 
 import fxfuse
+from fxfuse.compare import tolerance_for
 from fxfuse.console import format_seconds, progress, table
 from fxfuse.errors import FxFuseError
 from fxfuse.models import LoadedModel, SpecError, load_model
 from fxfuse.report import op_kind
 from fxfuse.testing import (
-    TOLERANCE,
     count_flops,
     count_ops,
     randomize_batch_norms,
@@ -172,7 +172,7 @@ def run_optimize(args: argparse.Namespace) -> int:
         )
     )
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    tolerance = TOLERANCE.get(dtype, 1e-5)
+    tolerance = tolerance_for(dtype)
     verdict = "ok" if worst <= tolerance else "MISMATCH"
     print(
         f"\nworst normalised error over {len(inputs)} inputs: {worst:.2e} "
@@ -240,10 +240,12 @@ def _block_of(node: Node, convs: dict[str, int]) -> tuple[str, str]:
     return block, cls
 
 
-def _ops_by_block(gm: GraphModule, convs: dict[str, int]) -> dict[str, Counter[str]]:
+def _ops_by_block(
+    graph: Graph, module: Callable[[str], nn.Module], convs: dict[str, int]
+) -> dict[str, Counter[str]]:
     counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for node in gm.graph.nodes:
-        kind = op_kind(node, gm)
+    for node in graph.nodes:
+        kind = op_kind(node, module)
         if kind in ("conv", "bn"):
             counts[_block_of(node, convs)[0]][kind] += 1
     return counts
@@ -265,7 +267,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     fused = fxfuse.optimize(model)
     report = fused.fxfuse_report
     convs = _conv_counts(model)
-    where = {node.name: _block_of(node, convs) for node in original.graph.nodes}
+    where = {node.name: _block_of(node, convs) for node in original.nodes}
     classes = {block: cls for block, cls in where.values()}
     fired: dict[str, Counter[str]] = defaultdict(Counter)
     for rewrite in report.rewrites:
@@ -275,7 +277,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         declined[where.get(decline.node, ("", ""))[0]].append(
             f"{decline.rule} at {decline.node}: {decline.reason}"
         )
-    before, after = _ops_by_block(original, convs), _ops_by_block(fused, convs)
+    before = _ops_by_block(original, model.get_submodule, convs)
+    after = _ops_by_block(fused.graph, fused.get_submodule, convs)
     blocks = [b for b in dict.fromkeys([*before, *fired, *declined]) if fired[b] or declined[b]]
     root = type(model).__name__
     rows = [["block", "class", "convs", "BNs", "→ convs", "BNs", "rules that fire"]]

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.nn.functional as F
@@ -83,36 +85,40 @@ def build_module(layer: FusedLayer) -> tuple[nn.Module, list[int] | None]:
     return module, pad
 
 
-def _path_is_free(root: nn.Module, path: str) -> bool:
-    """Whether ``path`` can hold a new module without touching anything else.
+class _Paths:
+    """Which dotted paths of the result are taken, so new modules get names of their own.
 
-    Intermediate modules must be missing or plain ``nn.Module`` containers (the kind fx makes
-    when it copies a module hierarchy), never a layer of the caller's.
+    A path is free when nothing uses it, nothing lives under it, and it does not go inside
+    something used (a new module must never be added to a layer of the caller's).
     """
-    *parents, leaf = path.split(".")
-    module = root
-    for name in parents:
-        child = module._modules.get(name)
-        if child is None:
-            return not hasattr(module, name)
-        if type(child) is not nn.Module:
+
+    def __init__(self, targets: Iterable[str]):
+        self.taken: set[str] = set()
+        self.prefixes: set[str] = set()
+        for target in targets:
+            self.take(target)
+
+    def take(self, path: str) -> None:
+        self.taken.add(path)
+        parts = path.split(".")
+        self.prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
+
+    def free(self, path: str) -> bool:
+        if path in self.taken or path in self.prefixes:
             return False
-        module = child
-    return not hasattr(module, leaf)
+        parts = path.split(".")
+        return not any(".".join(parts[:i]) in self.taken for i in range(1, len(parts)))
 
-
-def _free_path(root: nn.Module, hint: str) -> str:
-    hint = hint.strip(".") or "conv"
-    if not all(part.isidentifier() or part.isdigit() for part in hint.split(".")):
-        hint = "fused"
-    candidates = [hint, f"{hint}_fused"]
-    for candidate in candidates:
-        if _path_is_free(root, candidate):
-            return candidate
-    i = 1
-    while not _path_is_free(root, f"{hint}_fused_{i}"):
-        i += 1
-    return f"{hint}_fused_{i}"
+    def claim(self, hint: str) -> str:
+        hint = hint.strip(".") or "conv"
+        if not all(part.isidentifier() or part.isdigit() for part in hint.split(".")):
+            hint = "fused"
+        candidates = itertools.chain(
+            [hint, f"{hint}_fused"], (f"{hint}_fused_{i}" for i in itertools.count(1))
+        )
+        path = next(c for c in candidates if self.free(c))
+        self.take(path)
+        return path
 
 
 def _emit_padding(graph: Graph, x: Node, pad: list[int], mode: str) -> Node:
@@ -125,66 +131,61 @@ def _emit_padding(graph: Graph, x: Node, pad: list[int], mode: str) -> Node:
     return x
 
 
-def _lower(gm: GraphModule, node: Node, created: set[int]) -> None:
+def _lower(graph: Graph, node: Node, paths: _Paths, owned: dict[str, Any]) -> None:
     x, layer = node.args
     assert isinstance(x, Node) and isinstance(layer, FusedLayer)
     module, pad = build_module(layer)
-    path = _free_path(gm, layer.name)
-    gm.add_submodule(path, module)
-    created.update(id(t) for t in [module, *module.parameters()])
-    graph = gm.graph
+    path = paths.claim(layer.name)
+    owned[path] = module
     with graph.inserting_before(node):
         if pad is not None:
             assert layer.geometry is not None
             x = _emit_padding(graph, x, pad, layer.geometry.padding_mode)
         new = graph.call_module(path, (x,))
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in node.meta:
+            new.meta[key] = node.meta[key]
     node.replace_all_uses_with(new)
     graph.erase_node(node)
 
 
-def _resolve(root: nn.Module, target: str) -> tuple[nn.Module, str, Any]:
-    owner_path, _, name = target.rpartition(".")
-    owner = root.get_submodule(owner_path) if owner_path else root
-    return owner, name, getattr(owner, name)
+def _drop_dead_pure_nodes(graph: Graph) -> None:
+    """Erase unused attribute reads and pure function calls (``x.ndim`` nobody reads any more).
+
+    Unused module calls stay: a module may have side effects fxfuse cannot see.
+    """
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op not in ("get_attr", "call_function", "call_method"):
+            continue
+        if node.op == "call_method" and str(node.target).endswith("_"):
+            continue
+        if not node.is_impure():
+            graph.erase_node(node)
 
 
-def _own(gm: GraphModule, created: set[int]) -> None:
-    """Deep-copy whatever ``gm`` would share with the caller's model (one memo: ties stay)."""
+def emit(
+    graph: Graph, resolve: Callable[[str], Any], created: dict[str, Any], class_name: str
+) -> GraphModule:
+    """The rewritten ``graph`` as a fresh, self-contained, eval-mode ``GraphModule``.
+
+    ``resolve`` looks up a target in the caller's model; ``created`` holds what fxfuse added
+    (by target). Everything the caller's model would share with the result is deep-copied,
+    with one memo so weight tying survives.
+    """
+    _drop_dead_pure_nodes(graph)
+    targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    owned: dict[str, Any] = {t: created[t] for t in targets if t in created}
+    paths = _Paths(targets)
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is fused_layer]:
+        _lower(graph, node, paths, owned)
+    graph.lint()
     memo: dict[int, Any] = {}
-    targets = sorted(
-        {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")},
-        key=lambda t: t.count("."),
-    )
-    done: set[str] = set()
-    for target in targets:
-        # Copied with its owner if a proper prefix was done: look the prefixes up (depth
-        # lookups) rather than scan every done target (quadratic on a 10,000-block graph).
-        parts = target.split(".")
-        if any(".".join(parts[:i]) in done for i in range(1, len(parts))):
-            continue
-        owner, name, value = _resolve(gm, target)
-        done.add(target)
-        if id(value) in created or not isinstance(value, (nn.Module, Tensor)):
-            continue
-        if (
-            isinstance(value, Tensor)
-            and not isinstance(value, nn.Parameter)
-            and (name in owner._buffers)
-        ):
-            owner._buffers[name] = copy.deepcopy(value, memo)
-        else:
-            setattr(owner, name, copy.deepcopy(value, memo))
-
-
-def emit(gm: GraphModule, class_name: str) -> GraphModule:
-    """The rewritten ``gm`` as a fresh, self-contained, eval-mode ``GraphModule``."""
-    gm.delete_all_unused_submodules()
-    created: set[int] = {id(b) for name, b in gm.named_buffers() if "_fxfuse_" in name}
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fused_layer]:
-        _lower(gm, node, created)
-    gm.graph.lint()
-    fused = GraphModule(gm, gm.graph, class_name=class_name)
-    _own(fused, created)
+    attributes = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in attributes:
+            target = str(node.target)
+            value = owned[target] if target in owned else copy.deepcopy(resolve(target), memo)
+            attributes[target] = value
+    fused = GraphModule(attributes, graph, class_name=class_name)
     fused.eval()
     return fused

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-__all__ = ["CaptureError", "ConvergenceError", "FxFuseError", "TrainingModeError"]
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "CaptureError",
+    "ConvergenceError",
+    "FxFuseError",
+    "NondeterministicError",
+    "TrainingModeError",
+    "VerificationError",
+]
 
 
 class FxFuseError(Exception):
@@ -19,3 +29,47 @@ class TrainingModeError(FxFuseError, ValueError):
 
 class ConvergenceError(FxFuseError, RuntimeError):
     """A rule set kept firing past its bound: a bug in a rule, never a property of the model."""
+
+
+class NondeterministicError(FxFuseError, ValueError):
+    """The reference gives different outputs for the same input (dropout in training mode, a
+    random op): there is no single function to compare a candidate with."""
+
+
+class VerificationError(FxFuseError, AssertionError):
+    """A candidate computes something other than its reference, on the input it carries.
+
+    Raised by :func:`fxfuse.verify` with the shrunk counterexample: ``inputs`` (the tensors),
+    ``input_shapes``, ``distribution`` and ``channels_last`` (how the values were drawn),
+    ``seed`` (the verifier's), ``output`` (which output differs, e.g. ``output[1]['logits']``),
+    ``kind`` (``"mismatch"``, ``"non-finite"``, ``"shape"``, ``"structure"``, ``"raised"``),
+    ``error`` (the normalised error ``‖Δ‖/‖ref‖``, where one applies) and ``tolerance``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str = "mismatch",
+        output: str = "output",
+        error: float | None = None,
+        tolerance: float | None = None,
+        inputs: Sequence[Any] = (),
+        distribution: str | None = None,
+        channels_last: bool = False,
+        seed: int | None = None,
+    ):
+        super().__init__(message)
+        self.kind = kind
+        self.output = output
+        self.error = error
+        self.tolerance = tolerance
+        self.inputs = tuple(inputs)
+        self.distribution = distribution
+        self.channels_last = channels_last
+        self.seed = seed
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, ...] | None, ...]:
+        """The shape of each input (``None`` for an input that is not a tensor)."""
+        return tuple(tuple(x.shape) if hasattr(x, "shape") else None for x in self.inputs)

@@ -59,6 +59,8 @@ __all__ = [
     "inherits_forward",
     "module_path_of",
     "peel_padding",
+    "reads_metadata_only",
+    "value_users",
 ]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -869,7 +871,13 @@ class Combination:
 def _scalar(value: Any) -> Tensor | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return torch.tensor(float(value), dtype=torch.float64)
+    return _float64(float(value))
+
+
+@functools.lru_cache(maxsize=1024)
+def _float64(value: float) -> Tensor:
+    """A 0-d float64 tensor, shared: coefficient arithmetic never works in place."""
+    return torch.tensor(value, dtype=torch.float64)
 
 
 def constant_value(arg: Any, consts: Constants) -> Tensor | None:
@@ -892,8 +900,8 @@ def _linear_operands(node: Node, consts: Constants) -> list[tuple[Tensor, Any]] 
         fn = node.target
     else:
         return None
-    one = torch.tensor(1.0, dtype=torch.float64)
-    kwargs = dict(node.kwargs)
+    one = _float64(1.0)
+    kwargs = node.kwargs
     if fn in _ADD or fn in _SUB:
         if len(node.args) != 2 or set(kwargs) - {"alpha"}:
             return None
@@ -961,17 +969,18 @@ def as_combination(node: Node, consts: Constants) -> Combination | None:
     """
     if _linear_operands(node, consts) is None:
         return None
-    if len(node.users) == 1 and _absorbs(next(iter(node.users)), node, consts):
+    users = value_users(node)
+    if len(users) == 1 and _absorbs(users[0], node, consts):
         return None
     combo = Combination(node)
-    _flatten(node, torch.tensor(1.0, dtype=torch.float64), combo, consts, root=True)
+    _flatten(node, _float64(1.0), combo, consts, root=True)
     return combo
 
 
 def _flatten(
     node: Node, coefficient: Tensor, combo: Combination, consts: Constants, *, root: bool = False
 ) -> None:
-    operands = None if not root and len(node.users) != 1 else _linear_operands(node, consts)
+    operands = None if not root and len(value_users(node)) != 1 else _linear_operands(node, consts)
     if operands is None:
         combo.terms.append((coefficient, node))
         return
@@ -984,6 +993,29 @@ def _flatten(
             _flatten(operand, c, combo, consts)
         else:
             raise TypeError(f"unexpected operand {operand!r} in {node.format_node()}")
+
+
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel"})
+
+
+def reads_metadata_only(user: Node, of: Node) -> bool:
+    """Whether ``user`` only asks ``of`` for its shape, rank, dtype or device.
+
+    Such a read (``x.shape``, ``x.ndim`` in a ``torch._assert``, ``x.size(1)``) does not need
+    the value: it can read the same facts from anything of the same shape and dtype.
+    """
+    if user.op == "call_function" and user.target is getattr:
+        return len(user.args) == 2 and user.args[0] is of and user.args[1] in _METADATA_ATTRIBUTES
+    if user.op == "call_method" and user.target in _METADATA_METHODS:
+        args = [*user.args[1:], *user.kwargs.values()]
+        return bool(user.args) and user.args[0] is of and of not in args
+    return False
+
+
+def value_users(node: Node) -> list[Node]:
+    """The users of ``node`` that read its values (not only its shape or dtype)."""
+    return [u for u in node.users if not reads_metadata_only(u, node)]
 
 
 def iter_users(nodes: Iterable[Node]) -> list[Node]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
@@ -76,15 +77,17 @@ _ATEN_BN = (
 )
 
 
-def op_kind(node: Node, gm: GraphModule) -> str | None:
-    """``"conv"``, ``"bn"`` or ``"linear"`` for the ops :class:`GraphStats` counts, else None."""
+def op_kind(node: Node, module: Callable[[str], nn.Module]) -> str | None:
+    """``"conv"``, ``"bn"`` or ``"linear"`` for the ops :class:`GraphStats` counts, else None.
+
+    ``module`` resolves ``call_module`` targets (``gm.get_submodule``, say)."""
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, _ConvNd):
+        mod = module(str(node.target))
+        if isinstance(mod, _ConvNd):
             return "conv"
-        if isinstance(module, _BatchNorm):
+        if isinstance(mod, _BatchNorm):
             return "bn"
-        if isinstance(module, nn.Linear):
+        if isinstance(mod, nn.Linear):
             return "linear"
         return None
     if node.op != "call_function":
@@ -102,15 +105,13 @@ def op_kind(node: Node, gm: GraphModule) -> str | None:
     return None
 
 
-def graph_stats(gm: GraphModule, parameters: int | None = None) -> GraphStats:
-    """Count convs, batch norms, linear layers and nodes in ``gm``'s graph.
+def graph_stats(graph: Graph, module: Callable[[str], nn.Module], parameters: int) -> GraphStats:
+    """Count convs, batch norms, linear layers and nodes in ``graph``.
 
-    ``parameters`` defaults to the number of elements in ``gm.parameters()``.
+    ``module`` resolves ``call_module`` targets; ``parameters`` is reported as given.
     """
-    kinds = Counter(op_kind(n, gm) for n in gm.graph.nodes)
-    if parameters is None:
-        parameters = sum(p.numel() for p in gm.parameters())
-    return GraphStats(kinds["conv"], kinds["bn"], kinds["linear"], parameters, len(gm.graph.nodes))
+    kinds = Counter(op_kind(n, module) for n in graph.nodes)
+    return GraphStats(kinds["conv"], kinds["bn"], kinds["linear"], parameters, len(graph.nodes))
 
 
 @dataclass
@@ -120,7 +121,11 @@ class FusionReport:
     ``rewrites`` lists every rule firing; ``declines`` every place a rule's pattern matched but
     a condition failed, with the reason; ``notes`` what was left alone and why (quantized
     modules, training-mode layers); ``before``/``after`` count ops; ``timings`` are seconds per
-    phase. ``str(report)`` is a table for people, :meth:`to_dict` is for programs.
+    phase; ``str(report)`` is a table for people, :meth:`to_dict` is for programs.
+
+    With per-rewrite validation on, ``validation`` counts rewrites ``validated``, ``rolled
+    back`` and ``not checkable``; with ``optimize(..., verify=True)``, ``verification`` is the
+    :class:`~fxfuse.verify.VerificationReport`.
     """
 
     capture: str
@@ -131,10 +136,14 @@ class FusionReport:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
+    validation: Counter[str] | None = None
+    verification: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["counts"] = dict(self.counts)
+        data["validation"] = None if self.validation is None else dict(self.validation)
+        data["verification"] = None if self.verification is None else str(self.verification)
         return data
 
     def __str__(self) -> str:
@@ -164,6 +173,13 @@ class FusionReport:
                 lines.append(f"  {d.rule} at {d.node}: {d.reason}")
         for note in self.notes:
             lines.append(f"note: {note}")
+        if self.validation is not None:
+            checks = ", ".join(
+                f"{self.validation[k]} {k}" for k in ("validated", "rolled back", "not checkable")
+            )
+            lines.append(f"rewrites checked on random inputs: {checks}")
+        if self.verification is not None:
+            lines.append(str(self.verification))
         if self.timings:
             timing = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.timings.items())
             lines.append(f"time: {timing}")

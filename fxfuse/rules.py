@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
@@ -47,8 +47,11 @@ from fxfuse.ops import (
     as_combination,
     as_conv,
     fused_layer,
+    reads_metadata_only,
+    value_users,
 )
 from fxfuse.report import Decline, Rewrite
+from fxfuse.validate import RewriteValidator
 
 __all__ = ["FusionOptions", "Match", "RewriteContext", "Rule", "RuleSet", "Stage"]
 
@@ -63,10 +66,18 @@ class FusionOptions:
     replaces (a dilated 3×3 beside a 3×3 spreads into a 5×5: 25 taps instead of 18), since
     one conv saves a pass over memory per branch; it never may cost more than this factor,
     which stops a depthwise kernel from being densified (≈ 9C/(C+9)×).
+
+    ``validate_rewrites``: check every rewrite as it is applied — the subgraph it replaces
+    and its replacement are evaluated on the same random inputs (shapes recorded from
+    ``optimize``'s ``example_inputs``, which it then needs) and compared; a rewrite that
+    differs, or whose rule raises, is rolled back and reported as a decline. Costs about two
+    forward passes of the rewritten region per rewrite; nothing when off. See
+    :mod:`fxfuse.validate`. ``optimize(..., verify=True)`` turns it on.
     """
 
     max_flops_ratio: float = 1.5
     max_rounds: int = 16
+    validate_rewrites: bool = False
 
 
 @dataclass
@@ -74,11 +85,15 @@ class Match:
     """What a rule's pattern found. ``root`` is the node the rewrite replaces.
 
     ``excluded`` lists nodes the pattern saw but left out, with the reason (a branch whose
-    output has another consumer, say); they are reported as declines.
+    output has another consumer, say); they are reported as declines. ``absorbed`` lists the
+    nodes that disappear with the root and have its shape (see :func:`fxfuse.ops.value_users`).
     """
 
     root: Node
     excluded: list[tuple[Node, str]] = field(default_factory=list, kw_only=True)
+    # nodes that disappear with the root and have its shape and dtype: reads of their metadata
+    # (``x.shape``, ``x.ndim`` in an assert) move to the replacement
+    absorbed: list[Node] = field(default_factory=list, kw_only=True)
 
 
 MatchT = TypeVar("MatchT", bound=Match)
@@ -158,7 +173,7 @@ class RuleSet:
         )
 
     def run(self, ctx: RewriteContext) -> None:
-        """Rewrite ``ctx.gm``'s graph until no rule fires (bounded)."""
+        """Rewrite ``ctx.graph`` until no rule fires (bounded)."""
         budget = 4 * len(ctx.graph.nodes) + 64
         for _ in range(ctx.options.max_rounds):
             fired = sum(_run_stage(stage, ctx, budget) for stage in self.stages)
@@ -186,6 +201,18 @@ def _run_stage(stage: Stage, ctx: RewriteContext, budget: int) -> int:
     return fired
 
 
+SHAPE_CYCLE = "the rewritten value would depend on the shape of a node it removes"
+
+
+def _nodes_between(first: Node, last: Node) -> list[Node]:
+    """The nodes strictly between ``first`` and ``last``, in order."""
+    nodes, node = [], first.next
+    while node is not last:
+        nodes.append(node)
+        node = node.next
+    return nodes
+
+
 def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
     ctx._forget(rule, node)
     for match in rule.matches(node, ctx):
@@ -197,10 +224,29 @@ def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
             log.debug("%s declined at %s: %s", rule.name, match.root.name, reason)
             continue
         detail = rule.describe(match)
-        root_name = match.root.name
-        with ctx.graph.inserting_before(match.root):
-            new = rule.rewrite(match, ctx)
-        ctx.replace(match.root, new)
+        root = match.root
+        root_name, last_before = root.name, root.prev
+        if ctx.validator is None:
+            with ctx.graph.inserting_before(root):
+                new = rule.rewrite(match, ctx)
+        else:  # a rule whose rewrite raises is rolled back and declined
+            built = ctx.validator.rewrite(rule, match)
+            if built is None:
+                continue
+            new = built
+        created = _nodes_between(last_before, root)
+        readers = ctx._metadata_readers(match.absorbed)
+        moved = ctx._dependents_before(new, [r for r, _ in readers if r < new])
+        cycle = set(moved)
+        if not cycle.isdisjoint(created) or not cycle.isdisjoint(new.all_input_nodes):
+            # the replacement needs the shape of a node it removes: roll back
+            for n in reversed(created):
+                ctx.graph.erase_node(n)
+            ctx._decline(rule, root, SHAPE_CYCLE)
+            continue
+        if ctx.validator is not None and not ctx.validator.check(rule, match, new):
+            continue  # it differs from what it replaces on random inputs: rolled back, declined
+        ctx.replace(root, new, readers, moved)
         ctx.counts[rule.name] += 1
         ctx.rewrites.append(Rewrite(rule.name, root_name, detail))
         log.debug("%s at %s: %s", rule.name, root_name, detail)
@@ -229,22 +275,27 @@ class RewriteContext:
 
     def __init__(
         self,
-        gm: GraphModule,
+        graph: Graph,
+        root: nn.Module,
         options: FusionOptions | None = None,
         bound: dict[Node, Tensor] | None = None,
     ):
-        self.gm = gm
-        self.graph = gm.graph
+        self.graph = graph
+        self.root = root
         self.options = options or FusionOptions()
         self.bound = bound or {}
+        # attributes fxfuse adds (new constants), by target; emission owns them
+        self.attributes: dict[str, Any] = {}
         self.counts: Counter[str] = Counter()
         self.rewrites: list[Rewrite] = []
         self._declines: dict[tuple[str, Node], tuple[str, bool]] = {}
         self._declining_rules: set[str] = set()
-        self._modules: dict[str, nn.Module] = dict(gm.named_modules())
+        self._modules: dict[str, nn.Module] = dict(root.named_modules())
         self._queue: deque[Node] = deque()
         self._queued: set[Node] = set()
-        self._constants = 0
+        self.validator: RewriteValidator | None = (
+            RewriteValidator(self) if self.options.validate_rewrites else None
+        )
 
     # -- constants --------------------------------------------------------------------------
 
@@ -253,20 +304,27 @@ class RewriteContext:
         if not isinstance(arg, Node):
             return None
         if arg.op == "get_attr":
-            value = self._attribute(str(arg.target))
+            value = self.attribute(str(arg.target))
             return value if isinstance(value, Tensor) else None
         return self.bound.get(arg)
 
     def module(self, target: str) -> nn.Module:
+        """The submodule a ``call_module`` target names."""
         module = self._modules.get(target)
         if module is None:
-            module = self.gm.get_submodule(target)
+            module = self.root.get_submodule(target)
             self._modules[target] = module
         return module
 
-    def _attribute(self, target: str) -> Any:
+    def attribute(self, target: str) -> Any:
+        """What a ``get_attr``/``call_module`` target names (``None`` if nothing)."""
+        if target in self.attributes:
+            return self.attributes[target]
         owner, _, name = target.rpartition(".")
-        return getattr(self.module(owner) if owner else self.gm, name, None)
+        try:
+            return getattr(self.module(owner) if owner else self.root, name, None)
+        except AttributeError:
+            return None
 
     # -- views -----------------------------------------------------------------------------
 
@@ -322,10 +380,9 @@ class RewriteContext:
         return self.graph.call_function(fn, args, kwargs)
 
     def constant(self, value: Tensor, hint: str = "constant") -> Node:
-        """A new attribute holding ``value`` (a buffer of the module) and its ``get_attr``."""
-        name = f"_fxfuse_{hint}_{self._constants}"
-        self._constants += 1
-        self.gm.register_buffer(name, value.detach().clone())
+        """A new attribute holding ``value`` (a buffer of the result) and its ``get_attr``."""
+        name = f"_fxfuse_{hint}_{len(self.attributes)}"
+        self.attributes[name] = value.detach().clone()
         return self.graph.get_attr(name)
 
     def count(self, name: str, n: int = 1) -> None:
@@ -334,19 +391,61 @@ class RewriteContext:
 
     # -- graph surgery (the driver's) --------------------------------------------------------
 
-    def replace(self, old: Node, new: Node) -> None:
-        """Point every user of ``old`` at ``new``, drop what became dead, and requeue."""
+    def replace(
+        self,
+        old: Node,
+        new: Node,
+        readers: Sequence[tuple[Node, Node]] = (),
+        moved: Sequence[Node] = (),
+    ) -> None:
+        """Point every user of ``old`` at ``new``, and each metadata ``reader`` of an absorbed
+        node too (after moving the ``moved`` nodes behind ``new``); drop what became dead;
+        requeue what may match now."""
         for key in ("nn_module_stack", "stack_trace"):
             if key in old.meta and key not in new.meta:
                 new.meta[key] = old.meta[key]
         old.replace_all_uses_with(new)
+        for reader, node in readers:
+            reader.replace_input_with(node, new)
+        for node in reversed(moved):
+            new.append(node)
         self._erase_dead(old)
         self._push(new)
         for user in new.users:
             self._push_upwards(user)
 
+    @staticmethod
+    def _metadata_readers(absorbed: Sequence[Node]) -> list[tuple[Node, Node]]:
+        """``(reader, node)`` for every user that only reads an absorbed node's metadata."""
+        return [
+            (user, node)
+            for node in absorbed
+            for user in node.users
+            if reads_metadata_only(user, node)
+        ]
+
+    @staticmethod
+    def _dependents_before(anchor: Node, early: Sequence[Node]) -> list[Node]:
+        """``early`` and every node before ``anchor`` that depends on them, in graph order:
+        what must move behind ``anchor`` once ``early`` reads it."""
+        if not early:
+            return []
+        moving: set[Node] = set(early)
+        ordered = []
+        node = min(early)
+        while node is not anchor:
+            if node in moving or any(i in moving for i in node.all_input_nodes):
+                moving.add(node)
+                ordered.append(node)
+            node = node.next
+        return ordered
+
     def _erasable(self, node: Node) -> bool:
-        if node.users or node.op in ("placeholder", "output"):
+        return not node.users and self._removable(node)
+
+    def _removable(self, node: Node) -> bool:
+        """Whether the driver erases ``node`` once nothing uses it."""
+        if node.op in ("placeholder", "output"):
             return False
         if node.op == "get_attr":
             return True
@@ -399,9 +498,10 @@ class RewriteContext:
         """Queue ``node`` and the single-use chain above it (the roots of sums it is in)."""
         for _ in range(64):
             self._push(node)
-            if len(node.users) != 1:
+            users = value_users(node)
+            if len(users) != 1:
                 return
-            node = next(iter(node.users))
+            node = users[0]
 
     # -- declines ----------------------------------------------------------------------------
 

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from torch.fx import Node
 
 from fxfuse.kernels import batch_norm_affine, scale_output_channels
-from fxfuse.ops import BatchNormView, Combination, ConvView, channel_vector, constant_value
+from fxfuse.ops import (
+    BatchNormView,
+    Combination,
+    ConvView,
+    channel_vector,
+    constant_value,
+    value_users,
+)
 from fxfuse.rules import Match, RewriteContext, Rule
 
 __all__ = ["DistributeBatchNorm", "FoldBatchNorm"]
@@ -27,7 +34,7 @@ __all__ = ["DistributeBatchNorm", "FoldBatchNorm"]
 
 @dataclass
 class LayerBatchNorm(Match):
-    layer: ConvView
+    layer: ConvView | None  # None: the batch norm reads something no layer can absorb
     bn: BatchNormView
 
 
@@ -39,8 +46,19 @@ def uses_batch_stats_reason(bn: BatchNormView) -> str:
 
 
 def other_users(node: Node, but: Node) -> str:
-    others = [u.name for u in node.users if u is not but]
+    others = [u.name for u in value_users(node) if u is not but]
     return ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
+
+
+def describe_producer(node: Node, ctx: RewriteContext) -> str:
+    """``cat (torch.cat)``, ``relu (ReLU)``, ``x (a graph input)``: what made a value."""
+    if node.op == "placeholder":
+        return f"{node.name} (a graph input)"
+    if node.op == "call_module":
+        return f"{node.name} ({type(ctx.module(str(node.target))).__name__})"
+    if node.op == "call_function":
+        return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
+    return f"{node.name} ({node.op} {node.target})"
 
 
 class FoldBatchNorm(Rule[LayerBatchNorm]):
@@ -55,13 +73,17 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
             return
         layer = ctx.conv(bn.input)
         if layer is not None:
-            yield LayerBatchNorm(node, layer=layer, bn=bn)
+            yield LayerBatchNorm(node, layer=layer, bn=bn, absorbed=[layer.node])
+        elif ctx.combination(bn.input) is None:  # a sum is fold-bn-into-branches' to explain
+            yield LayerBatchNorm(node, layer=None, bn=bn)
 
     def check(self, match: LayerBatchNorm, ctx: RewriteContext) -> str | None:
         layer, bn = match.layer, match.bn
         if bn.uses_batch_stats:
             return uses_batch_stats_reason(bn)
-        if len(layer.node.users) != 1:
+        if layer is None:
+            return f"its input {describe_producer(bn.input, ctx)} is not a conv or linear layer"
+        if len(value_users(layer.node)) != 1:
             return (
                 f"the {layer.describe()} output also feeds {other_users(layer.node, bn.node)}, "
                 "which must keep reading the unnormalized value"
@@ -83,6 +105,7 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
 
     def rewrite(self, match: LayerBatchNorm, ctx: RewriteContext) -> Node:
         layer, bn = match.layer, match.bn
+        assert layer is not None
         assert bn.running_mean is not None and bn.running_var is not None
         scale, shift = batch_norm_affine(
             bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
@@ -102,7 +125,8 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
         )
 
     def describe(self, match: LayerBatchNorm) -> str:
-        return f"{match.layer.describe()} + batch norm -> {match.layer.describe()}"
+        layer = match.layer.describe() if match.layer is not None else "?"
+        return f"{layer} + batch norm -> {layer}"
 
 
 @dataclass
@@ -120,14 +144,15 @@ class DistributeBatchNorm(Rule[BatchNormOfSum]):
 
     def matches(self, node: Node, ctx: RewriteContext) -> Iterator[BatchNormOfSum]:
         bn = ctx.batch_norm(node)
-        if bn is None or len(bn.input.users) != 1:
+        if bn is None or len(value_users(bn.input)) != 1:
             return
         combo = ctx.combination(bn.input)
         if combo is None:
             return
         layers = [ctx.conv(term) for _, term in combo.terms]
         if any(layer is not None for layer in layers):
-            yield BatchNormOfSum(node, bn=bn, combination=combo, layers=layers)
+            absorbed = [combo.root, *combo.interior, *(t for _, t in combo.terms)]
+            yield BatchNormOfSum(node, bn=bn, combination=combo, layers=layers, absorbed=absorbed)
 
     def check(self, match: BatchNormOfSum, ctx: RewriteContext) -> str | None:
         bn = match.bn
@@ -135,7 +160,7 @@ class DistributeBatchNorm(Rule[BatchNormOfSum]):
             return uses_batch_stats_reason(bn)
         first = next(layer for layer in match.layers if layer is not None)
         for (coefficient, term), layer in zip(match.combination.terms, match.layers, strict=True):
-            if layer is None or len(term.users) != 1:
+            if layer is None or len(value_users(term)) != 1:
                 return (
                     f"the sum before it also adds {term.name}, which is not a conv the "
                     "batch norm can fold into"

@@ -30,7 +30,14 @@ from torch import Tensor
 from torch.fx import Node
 
 from fxfuse.kernels import MergedWindow, Window, align_windows, exact, expand_groups, place_kernel
-from fxfuse.ops import Combination, ConvGeometry, ConvView, channel_vector, constant_value
+from fxfuse.ops import (
+    Combination,
+    ConvGeometry,
+    ConvView,
+    channel_vector,
+    constant_value,
+    value_users,
+)
 from fxfuse.rules import Match, RewriteContext, Rule
 
 from .fold_bn import other_users, uses_batch_stats_reason
@@ -192,6 +199,7 @@ class MergeBranches(Rule[BranchGroup]):
                 constants=folded,
                 rest=rest + kept,
                 excluded=excluded,
+                absorbed=[*combo.interior, *(t.node for t in members if t.node is not x)],
             )
         yield from _blocked_groups(node, combo, terms)
 
@@ -302,7 +310,7 @@ def _classify(
     another consumer, its batch norm uses batch statistics), the input it reads and why."""
     conv = ctx.conv(node)
     if conv is not None and not conv.transposed:
-        if len(node.users) == 1:
+        if len(value_users(node)) == 1:
             return Term(coefficient, node, conv.input, conv=conv), None
         why = (
             f"the {conv.describe()} output also feeds {other_users(node, _sum_user(node))}, "
@@ -317,7 +325,7 @@ def _classify(
                 bn.input,
                 uses_batch_stats_reason(bn),
             )
-        if len(node.users) == 1:
+        if len(value_users(node)) == 1:
             return Term(coefficient, node, found[0], diagonal=found[1]), None
         why = (
             f"the batch norm output also feeds {other_users(node, _sum_user(node))}, "
@@ -352,7 +360,7 @@ def _blocked_groups(root: Node, combo: Combination, terms: list[Term]) -> Iterat
 
 def _sum_user(node: Node) -> Node:
     """Some user of ``node`` (the one inside the sum is as good as any for naming others)."""
-    return next(iter(node.users))
+    return value_users(node)[0]
 
 
 def _check_layers(first: ConvView, convs: Sequence[ConvView]) -> str | None:

@@ -10,7 +10,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 import fxfuse
-from fxfuse.testing import TOLERANCE, count_ops, randomize_batch_norms, relative_error
+from fxfuse.compare import TOLERANCES
+from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
 
 
 def fuse_and_check(
@@ -31,7 +32,7 @@ def fuse_and_check(
     with torch.no_grad():
         expected, actual = model(*inputs), fused(*inputs)
     error = relative_error(expected, actual)
-    assert error <= TOLERANCE[dtype], f"relative error {error:.3g}\n{fused.fxfuse_report}"
+    assert error <= TOLERANCES[dtype], f"relative error {error:.3g}\n{fused.fxfuse_report}"
     before, after = count_ops(model, *inputs), count_ops(fused, *inputs)
     if convs is not None:
         assert after["conv"] == convs, f"{after['conv']} convs ran\n{fused.fxfuse_report}"

@@ -167,8 +167,9 @@ def test_fused_modules_are_named_after_their_sources() -> None:
     assert names == [f"{i}.reparam_conv" for i in range(5)]
 
 
-def test_logging_not_print(caplog: pytest.LogCaptureFixture,
-                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_logging_not_print(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     with caplog.at_level(logging.DEBUG, logger="fxfuse"):
         fxfuse.optimize(randomize_batch_norms(repvgg_net().eval()))
     assert capsys.readouterr().out == ""
@@ -192,8 +193,11 @@ class DropDoubleRelu(Rule[ReluOfRelu]):
     def matches(self, node: Node, ctx: RewriteContext) -> Iterator[ReluOfRelu]:
         if node.op == "call_function" and node.target is torch.relu:
             inner = node.args[0]
-            if isinstance(inner, Node) and inner.op == "call_function" and (
-                    inner.target is torch.relu):
+            if (
+                isinstance(inner, Node)
+                and inner.op == "call_function"
+                and (inner.target is torch.relu)
+            ):
                 yield ReluOfRelu(node, inner=inner)
 
     def rewrite(self, match: ReluOfRelu, ctx: RewriteContext) -> Node:
@@ -237,3 +241,22 @@ def test_optimizing_a_deep_copy_gives_the_same_weights() -> None:
     b = fxfuse.optimize(copy.deepcopy(model))
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert na == nb and torch.equal(pa, pb)
+
+
+def test_example_inputs_record_shapes_and_the_result_still_builds() -> None:
+    # regression: the GraphModule built to record shapes stayed the graph's owner, and emission
+    # then failed to add the fused convs (AttributeError: Module has no attribute ...)
+    x = torch.randn(1, 3, 16, 16)
+    fused, _, _ = fuse_and_check(repvgg_net(), x, convs=5, example_inputs=(x,))
+    assert fused.graph.owning_module is fused
+
+
+def test_recording_shapes_never_modifies_the_caller_model() -> None:
+    # regression: ShapeProp ran the caller's modules, and a batch norm left in training mode
+    # updated its running statistics
+    model = randomize_batch_norms(repvgg_net().eval())
+    model[2].dense[1].train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fxfuse.optimize(model, (torch.randn(2, 3, 16, 16),))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fxfuse
+from fxfuse.rules import SHAPE_CYCLE
 from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
 from fxfuse.zoo import FunctionalBNAct
 from tests.helpers import declined, fuse_and_check
@@ -208,3 +209,52 @@ def test_batch_norm_over_a_sum_with_a_non_conv_term_stays() -> None:
     fused, _, _ = fuse_and_check(PostSumBN(with_identity=True), _input(2, 16), convs=2,
                                  batch_norms=1)
     assert any("not a conv" in r for r in declined(fused, "fold-bn-into-branches"))
+
+
+class AssertingBN(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: checks its input's rank before normalizing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        torch._assert(x.ndim == 4, "expected 4-d input")
+        channels = x.shape[1]
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         False, 0.0, self.eps)
+        return y * (channels / channels)
+
+
+def test_reads_of_the_conv_output_shape_do_not_block_the_fold() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), AssertingBN(6))
+    fused, _, _ = fuse_and_check(model, _input(2, 3), convs=1, batch_norms=0)
+    assert fused.fxfuse_report.counts["fold-bn"] == 1
+    code = fused.code
+    assert "_assert" in code and "ndim" in code  # the check survives, on the fused conv
+
+
+def test_shape_reads_of_merged_branches_move_to_the_merged_conv() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, int]:
+            a = self.a(x)
+            torch._assert(a.dim() == 4, "4-d")
+            return a + self.b(x), a.shape[1]
+
+    fused, _, _ = fuse_and_check(Block(), _input(2, 4), convs=1)
+    assert fused.fxfuse_report.counts["merge-branches"] == 1
+    assert fused(_input(2, 4))[1] == 4
+
+
+def test_a_sum_that_adds_a_branch_shape_is_declined_not_broken() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            a = self.a(x)
+            return a + self.b(x) + a.size(1)
+
+    fused, _, _ = fuse_and_check(Block(), _input(2, 4), convs=2)
+    assert declined(fused, "merge-branches") == [SHAPE_CYCLE]

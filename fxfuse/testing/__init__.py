@@ -16,7 +16,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
-    "TOLERANCE",
     "OpCounter",
     "count_flops",
     "count_ops",
@@ -24,17 +23,6 @@ __all__ = [
     "randomize_batch_norms",
     "relative_error",
 ]
-
-
-# The normalised error ‖Δ‖/‖ref‖ a fused model may show, per dtype: the fold itself is exact
-# (float64), so what is left is the rounding of the one cast back and of a different order of
-# summation in the merged convolution.
-TOLERANCE: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 2e-2,
-}
 
 
 def _category(name: str) -> str | None:

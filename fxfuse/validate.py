@@ -1,0 +1,279 @@
+"""Per-rewrite validation: each rewrite is checked on random inputs as it is applied.
+
+With ``FusionOptions(validate_rewrites=True)`` (and whenever ``optimize(..., verify=True)``),
+the driver hands every rewrite to :class:`RewriteValidator` instead of applying it blindly:
+
+1. the rule builds its replacement (new nodes land just before ``match.root``);
+2. the *old* subgraph — ``match.root`` and every node that would die with it — and the
+   replacement are evaluated on the same random values for their *frontier* (the live values
+   they read), drawn with the shapes and dtypes ``ShapeProp`` recorded from the example
+   inputs (``node.meta["tensor_meta"]``);
+3. their outputs are compared with :func:`fxfuse.compare.compare_outputs` (normalised error,
+   dtype-aware tolerance);
+4. on a mismatch, or when the rule's rewrite raises, the new nodes (and any constants they
+   registered) are erased, the graph is left exactly as it was, and a decline naming the rule
+   and the error goes into the report. One faulty rule cannot poison the model.
+
+A rewrite whose frontier has no recorded shape, or is not floating point (indices, masks),
+cannot be checked this way; it is applied and counted as "not checkable". The local check
+uses the example's shapes only; sizes that only some inputs have (odd sizes with stride 2)
+are the end-to-end verifier's job (:func:`fxfuse.verify`).
+
+Off (the default), the driver never constructs a validator: it costs one attribute test per
+rewrite.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.fx import Node
+from torch.fx.node import map_arg
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fxfuse.compare import compare_outputs
+from fxfuse.ops import value_users
+from fxfuse.report import Decline
+
+if TYPE_CHECKING:
+    from fxfuse.rules import Match, RewriteContext, Rule
+
+__all__ = ["RewriteValidator"]
+
+log = logging.getLogger("fxfuse")
+
+TRIALS = 2
+
+
+class _Uncheckable(Exception):
+    """The old subgraph cannot be evaluated on drawn values; the reason says why."""
+
+
+class _BatchStatistics(Exception):
+    """The old subgraph has a batch norm in training mode: it is no fixed function, so no
+    rewrite of it is exact (and running it would change the caller's statistics)."""
+
+
+@dataclass
+class _Attempt:
+    """What a rewrite in progress may need undoing: where its nodes start, and the counts and
+    constants from before it."""
+
+    root: Node
+    before: Node  # the node before match.root when the rewrite began
+    counts: Counter[str]
+    attributes: frozenset[str]
+
+    def created(self) -> list[Node]:
+        """The nodes the rewrite inserted, in graph order."""
+        nodes = []
+        node = self.before.next
+        while node is not self.root:
+            nodes.append(node)
+            node = node.next
+        return nodes
+
+
+class RewriteValidator:
+    """Checks each rewrite against the subgraph it replaces, and rolls back those that fail."""
+
+    def __init__(self, ctx: RewriteContext, seed: int = 0):
+        self.ctx = ctx
+        self.seed = seed
+        self.stats: Counter[str] = Counter()
+        # every rolled-back rewrite: reported even where another rule later fuses that node
+        self.failures: list[Decline] = []
+        self._device = _default_device(ctx)
+        self._attempt: _Attempt | None = None
+
+    def rewrite(self, rule: Rule[Any], match: Match) -> Node | None:
+        """Build ``rule``'s replacement at ``match`` (remembering what to undo); ``None`` when
+        the rule raised (then the graph is as before and the decline is recorded)."""
+        ctx = self.ctx
+        self._attempt = _Attempt(
+            match.root, match.root.prev, Counter(ctx.counts), frozenset(ctx.attributes)
+        )
+        try:
+            with ctx.graph.inserting_before(match.root):
+                return rule.rewrite(match, ctx)
+        except Exception as error:  # a rule's bug must not take the model down with it
+            self._roll_back(self._attempt)
+            self._fail(rule, match, f"its rewrite raised {type(error).__name__}: {error}")
+            return None
+
+    def check(self, rule: Rule[Any], match: Match, new: Node) -> bool:
+        """Whether the replacement ``new`` that :meth:`rewrite` just built computes what
+        ``match.root`` does; if not, it is rolled back and the decline recorded."""
+        attempt = self._attempt
+        assert attempt is not None and attempt.root is match.root
+        failure = self._check(attempt, new)
+        if failure is None:
+            return True
+        self._roll_back(attempt)
+        self._fail(rule, match, failure)
+        return False
+
+    # -- checking ----------------------------------------------------------------------------
+
+    def _check(self, attempt: _Attempt, new: Node) -> str | None:
+        created = attempt.created()
+        dying = _dying(attempt.root, keep=[*created, new], erasable=self.ctx._removable)
+        old_order, old_frontier = _closure(attempt.root, dying)
+        new_order, new_frontier = _closure(new, set(created))
+        try:
+            frontier = list(dict.fromkeys(old_frontier + new_frontier))
+            for trial in range(TRIALS):
+                env = self._draw(frontier, attempt.root.name, trial)
+                try:
+                    expected = _evaluate(old_order, dict(env), self.ctx)[attempt.root]
+                except _BatchStatistics as bn:
+                    return (
+                        f"it replaces {bn}, a batch norm in training mode (batch statistics: "
+                        "no fixed function to rewrite); rolled back"
+                    )
+                except _Uncheckable:
+                    raise
+                except Exception as error:  # e.g. the values need a relation drawing lacks
+                    raise _Uncheckable(f"the original raised {type(error).__name__}") from error
+                try:
+                    values = _evaluate(new_order, dict(env), self.ctx)
+                except Exception as error:
+                    return f"the replacement raised {type(error).__name__}: {error}"
+                comparison = compare_outputs(expected, values[new])
+                if comparison.failure is not None:
+                    shapes = ", ".join(f"{n.name} {tuple(env[n].shape)}" for n in frontier)
+                    return (
+                        f"the replacement differs from {attempt.root.name} on random inputs "
+                        f"({shapes or 'no inputs'}): {comparison.failure.detail}; rolled back"
+                    )
+        except _Uncheckable as why:
+            self.stats["not checkable"] += 1
+            log.debug("rewrite at %s not checked: %s", attempt.root.name, why)
+            return None
+        for node in created:  # later rewrites may read these nodes' shapes
+            if isinstance(values.get(node), Tensor):
+                node.meta["tensor_meta"] = _extract_tensor_metadata(values[node])
+        self.stats["validated"] += 1
+        return None
+
+    def _draw(self, frontier: Iterable[Node], where: str, trial: int) -> dict[Node, Any]:
+        seed = zlib.crc32(f"{self.seed}:{where}:{trial}".encode())
+        generator = torch.Generator().manual_seed(seed)
+        env: dict[Node, Any] = {}
+        for node in frontier:
+            if node in self.ctx.bound:  # a weight lifted to an input: the rewrite baked it in
+                env[node] = self.ctx.bound[node]
+                continue
+            meta = node.meta.get("tensor_meta")
+            shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+            if shape is None or dtype is None:
+                raise _Uncheckable(f"{node.name} has no recorded shape")
+            if not dtype.is_floating_point:
+                raise _Uncheckable(f"{node.name} is {dtype}, not floating point")
+            values = torch.randn(tuple(shape), generator=generator, dtype=torch.float64)
+            env[node] = values.to(device=_device_of(node, self._device), dtype=dtype)
+        return env
+
+    # -- failing -----------------------------------------------------------------------------
+
+    def _roll_back(self, attempt: _Attempt) -> None:
+        ctx = self.ctx
+        for node in reversed(attempt.created()):
+            ctx.graph.erase_node(node)
+        for target in set(ctx.attributes) - attempt.attributes:
+            del ctx.attributes[target]
+        ctx.counts.clear()
+        ctx.counts.update(attempt.counts)
+
+    def _fail(self, rule: Rule[Any], match: Match, reason: str) -> None:
+        self.stats["rolled back"] += 1
+        log.warning("fxfuse: %s at %s failed validation: %s", rule.name, match.root.name, reason)
+        self.ctx._decline(rule, match.root, f"failed validation: {reason}")
+        self.failures.append(Decline(rule.name, match.root.name, f"failed validation: {reason}"))
+        return None
+
+
+def _dying(root: Node, keep: list[Node], erasable: Any) -> set[Node]:
+    """``root`` and the nodes that die once it is replaced: those all of whose value users
+    die (reads of their shape move to the replacement), unless the replacement (``keep``)
+    reads them or the driver would not erase them."""
+    kept = set(keep)
+    for node in keep:
+        kept.update(node.all_input_nodes)
+    dying = {root}
+    stack = list(root.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node in dying or node in kept or not erasable(node):
+            continue
+        if all(user in dying for user in value_users(node)):
+            dying.add(node)
+            stack.extend(node.all_input_nodes)
+    return dying
+
+
+def _closure(output: Node, inside: set[Node]) -> tuple[list[Node], list[Node]]:
+    """The nodes to evaluate for ``output`` (those ``inside``, and attributes they read) in
+    dependency order, and the frontier they read."""
+    order: list[Node] = []
+    frontier: list[Node] = []
+    seen: set[Node] = set()
+    stack: list[tuple[Node, bool]] = [(output, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        if node not in inside and node.op != "get_attr":
+            frontier.append(node)
+            continue
+        stack.append((node, True))
+        stack.extend((i, False) for i in reversed(node.all_input_nodes) if i not in seen)
+    return order, frontier
+
+
+def _evaluate(order: list[Node], env: dict[Node, Any], ctx: RewriteContext) -> dict[Node, Any]:
+    """Run ``order`` on ``env`` (the frontier's values) like ``torch.fx.Interpreter`` would."""
+    with torch.no_grad():
+        for node in order:
+            args = map_arg(node.args, env.__getitem__)
+            kwargs = map_arg(node.kwargs, env.__getitem__)
+            if node.op == "get_attr":
+                env[node] = ctx.attribute(str(node.target))
+            elif node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+            elif node.op == "call_method":
+                self_, *rest = args
+                env[node] = getattr(self_, str(node.target))(*rest, **kwargs)
+            elif node.op == "call_module":
+                module = ctx.module(str(node.target))  # the caller's: it must not change
+                if isinstance(module, _BatchNorm) and module.training:
+                    raise _BatchStatistics(node.name)
+                env[node] = module(*args, **kwargs)
+            else:
+                raise _Uncheckable(f"cannot evaluate a {node.op} node ({node.name})")
+    return env
+
+
+def _default_device(ctx: RewriteContext) -> torch.device:
+    """Where activations live when the graph does not say: the model's first tensor's device
+    (``ShapeProp`` records shapes and dtypes, not devices)."""
+    for tensor in (*ctx.root.parameters(), *ctx.root.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _device_of(node: Node, default: torch.device) -> torch.device:
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return value.device if isinstance(value, Tensor) else default
