@@ -187,5 +187,16 @@ def emit(
             value = owned[target] if target in owned else copy.deepcopy(resolve(target), memo)
             attributes[target] = value
     fused = GraphModule(attributes, graph, class_name=class_name)
-    fused.eval()
+    # Eval mode for what fxfuse made (the root, containers, fused layers); a copied layer of
+    # the caller's keeps its own mode: a batch norm left in training mode must stay so.
+    made = {id(o) for o in owned.values()}
+    kept = {
+        id(m)
+        for v in attributes.values()
+        if isinstance(v, nn.Module) and id(v) not in made
+        for m in v.modules()
+    }
+    for module in fused.modules():
+        if id(module) not in kept:
+            module.training = False
     return fused

@@ -53,7 +53,7 @@ from fxfuse.ops import (
 from fxfuse.report import Decline, Rewrite
 from fxfuse.validate import RewriteValidator
 
-__all__ = ["FusionOptions", "Match", "RewriteContext", "Rule", "RuleSet", "Stage"]
+__all__ = ["Attempt", "FusionOptions", "Match", "RewriteContext", "Rule", "RuleSet", "Stage"]
 
 log = logging.getLogger("fxfuse")
 
@@ -204,13 +204,23 @@ def _run_stage(stage: Stage, ctx: RewriteContext, budget: int) -> int:
 SHAPE_CYCLE = "the rewritten value would depend on the shape of a node it removes"
 
 
-def _nodes_between(first: Node, last: Node) -> list[Node]:
-    """The nodes strictly between ``first`` and ``last``, in order."""
-    nodes, node = [], first.next
-    while node is not last:
-        nodes.append(node)
-        node = node.next
-    return nodes
+@dataclass
+class Attempt:
+    """A rewrite in progress and what undoing it needs: where its nodes start, and the counts
+    and constants from before it."""
+
+    root: Node
+    before: Node  # the node before ``root`` when the rewrite began
+    counts: Counter[str]
+    attributes: frozenset[str]
+
+    def created(self) -> list[Node]:
+        """The nodes the rewrite inserted (they all sit just before ``root``), in order."""
+        nodes, node = [], self.before.next
+        while node is not self.root:
+            nodes.append(node)
+            node = node.next
+        return nodes
 
 
 def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
@@ -225,26 +235,26 @@ def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
             continue
         detail = rule.describe(match)
         root = match.root
-        root_name, last_before = root.name, root.prev
-        if ctx.validator is None:
+        root_name = root.name
+        attempt = ctx._attempt(root)
+        try:
             with ctx.graph.inserting_before(root):
                 new = rule.rewrite(match, ctx)
-        else:  # a rule whose rewrite raises is rolled back and declined
-            built = ctx.validator.rewrite(rule, match)
-            if built is None:
-                continue
-            new = built
-        created = _nodes_between(last_before, root)
+        except Exception as error:
+            if ctx.validator is None:
+                raise
+            ctx._roll_back(attempt)  # with checking on, a faulty rule must not take the model
+            ctx.validator.fail(rule, match, f"its rewrite raised {type(error).__name__}: {error}")
+            continue
+        created = attempt.created()
         readers = ctx._metadata_readers(match.absorbed)
         moved = ctx._dependents_before(new, [r for r, _ in readers if r < new])
         cycle = set(moved)
         if not cycle.isdisjoint(created) or not cycle.isdisjoint(new.all_input_nodes):
-            # the replacement needs the shape of a node it removes: roll back
-            for n in reversed(created):
-                ctx.graph.erase_node(n)
+            ctx._roll_back(attempt)  # the replacement needs the shape of a node it removes
             ctx._decline(rule, root, SHAPE_CYCLE)
             continue
-        if ctx.validator is not None and not ctx.validator.check(rule, match, new):
+        if ctx.validator is not None and not ctx.validator.check(rule, match, new, attempt):
             continue  # it differs from what it replaces on random inputs: rolled back, declined
         ctx.replace(root, new, readers, moved)
         ctx.counts[rule.name] += 1
@@ -413,6 +423,18 @@ class RewriteContext:
         self._push(new)
         for user in new.users:
             self._push_upwards(user)
+
+    def _attempt(self, root: Node) -> Attempt:
+        return Attempt(root, root.prev, Counter(self.counts), frozenset(self.attributes))
+
+    def _roll_back(self, attempt: Attempt) -> None:
+        """Erase what a rewrite inserted and forget its constants and counts."""
+        for node in reversed(attempt.created()):
+            self.graph.erase_node(node)
+        for target in set(self.attributes) - attempt.attributes:
+            del self.attributes[target]
+        self.counts.clear()
+        self.counts.update(attempt.counts)
 
     @staticmethod
     def _metadata_readers(absorbed: Sequence[Node]) -> list[tuple[Node, Node]]:

@@ -29,7 +29,6 @@ import logging
 import zlib
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,7 +43,7 @@ from fxfuse.ops import value_users
 from fxfuse.report import Decline
 
 if TYPE_CHECKING:
-    from fxfuse.rules import Match, RewriteContext, Rule
+    from fxfuse.rules import Attempt, Match, RewriteContext, Rule
 
 __all__ = ["RewriteValidator"]
 
@@ -62,26 +61,6 @@ class _BatchStatistics(Exception):
     rewrite of it is exact (and running it would change the caller's statistics)."""
 
 
-@dataclass
-class _Attempt:
-    """What a rewrite in progress may need undoing: where its nodes start, and the counts and
-    constants from before it."""
-
-    root: Node
-    before: Node  # the node before match.root when the rewrite began
-    counts: Counter[str]
-    attributes: frozenset[str]
-
-    def created(self) -> list[Node]:
-        """The nodes the rewrite inserted, in graph order."""
-        nodes = []
-        node = self.before.next
-        while node is not self.root:
-            nodes.append(node)
-            node = node.next
-        return nodes
-
-
 class RewriteValidator:
     """Checks each rewrite against the subgraph it replaces, and rolls back those that fail."""
 
@@ -92,38 +71,20 @@ class RewriteValidator:
         # every rolled-back rewrite: reported even where another rule later fuses that node
         self.failures: list[Decline] = []
         self._device = _default_device(ctx)
-        self._attempt: _Attempt | None = None
 
-    def rewrite(self, rule: Rule[Any], match: Match) -> Node | None:
-        """Build ``rule``'s replacement at ``match`` (remembering what to undo); ``None`` when
-        the rule raised (then the graph is as before and the decline is recorded)."""
-        ctx = self.ctx
-        self._attempt = _Attempt(
-            match.root, match.root.prev, Counter(ctx.counts), frozenset(ctx.attributes)
-        )
-        try:
-            with ctx.graph.inserting_before(match.root):
-                return rule.rewrite(match, ctx)
-        except Exception as error:  # a rule's bug must not take the model down with it
-            self._roll_back(self._attempt)
-            self._fail(rule, match, f"its rewrite raised {type(error).__name__}: {error}")
-            return None
-
-    def check(self, rule: Rule[Any], match: Match, new: Node) -> bool:
-        """Whether the replacement ``new`` that :meth:`rewrite` just built computes what
-        ``match.root`` does; if not, it is rolled back and the decline recorded."""
-        attempt = self._attempt
-        assert attempt is not None and attempt.root is match.root
+    def check(self, rule: Rule[Any], match: Match, new: Node, attempt: Attempt) -> bool:
+        """Whether the replacement ``new`` (built in ``attempt``) computes what ``match.root``
+        does; if not, the rewrite is rolled back and the decline recorded."""
         failure = self._check(attempt, new)
         if failure is None:
             return True
-        self._roll_back(attempt)
-        self._fail(rule, match, failure)
+        self.ctx._roll_back(attempt)
+        self.fail(rule, match, failure)
         return False
 
     # -- checking ----------------------------------------------------------------------------
 
-    def _check(self, attempt: _Attempt, new: Node) -> str | None:
+    def _check(self, attempt: Attempt, new: Node) -> str | None:
         created = attempt.created()
         dying = _dying(attempt.root, keep=[*created, new], erasable=self.ctx._removable)
         old_order, old_frontier = _closure(attempt.root, dying)
@@ -184,16 +145,7 @@ class RewriteValidator:
 
     # -- failing -----------------------------------------------------------------------------
 
-    def _roll_back(self, attempt: _Attempt) -> None:
-        ctx = self.ctx
-        for node in reversed(attempt.created()):
-            ctx.graph.erase_node(node)
-        for target in set(ctx.attributes) - attempt.attributes:
-            del ctx.attributes[target]
-        ctx.counts.clear()
-        ctx.counts.update(attempt.counts)
-
-    def _fail(self, rule: Rule[Any], match: Match, reason: str) -> None:
+    def fail(self, rule: Rule[Any], match: Match, reason: str) -> None:
         self.stats["rolled back"] += 1
         log.warning("fxfuse: %s at %s failed validation: %s", rule.name, match.root.name, reason)
         self.ctx._decline(rule, match.root, f"failed validation: {reason}")

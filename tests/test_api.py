@@ -260,3 +260,13 @@ def test_recording_shapes_never_modifies_the_caller_model() -> None:
     fxfuse.optimize(model, (torch.randn(2, 3, 16, 16),))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_a_layer_left_in_training_mode_stays_in_training_mode() -> None:
+    model = randomize_batch_norms(repvgg_net().eval())
+    model[2].dense[1].train()  # fold-bn declines it; the result must not quietly switch it
+    fused = fxfuse.optimize(model)
+    x = torch.randn(2, 3, 16, 16)
+    assert any(m.training for m in fused.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        assert relative_error(model(x), fused(x)) < 1e-5

@@ -274,5 +274,5 @@ def test_saved_program_loads_without_the_model_source(tmp_path: Path) -> None:
     torch.save(x, tmp_path / "x.pt")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.pt"),
                     str(tmp_path / "y.pt")], check=True, cwd=tmp_path, timeout=300)
-    with torch.no_grad():
-        assert relative_error(fused(x), torch.load(tmp_path / "y.pt")) == 0.0
+    with torch.no_grad():  # another process may sum in another order (thread count)
+        assert relative_error(fused(x), torch.load(tmp_path / "y.pt")) <= 1e-6

@@ -232,7 +232,7 @@ class FoldsEvenInTraining(FoldBatchNorm):
     name = "fold-bn-in-training"
 
     def check(self, match: LayerBatchNorm, ctx: RewriteContext) -> str | None:
-        return None
+        return None if match.layer is not None else super().check(match, ctx)
 
 
 def test_checking_never_changes_the_callers_model() -> None:
