@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
     parser.add_argument("--input-size", type=int, default=None, help="override H = W")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     parser.add_argument("--blocks", type=int, nargs="+", help="synthetic network sizes")
     parser.add_argument("--repeats", type=int, default=3, help="optimize runs per size")
     parser.add_argument("--json", type=Path, default=OUT / "results.json")
@@ -108,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit's deprecation
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     steps = {
         "all": run_all,
