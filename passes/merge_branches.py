@@ -29,7 +29,14 @@ from functools import cached_property
 from torch import Tensor
 from torch.fx import Node
 
-from fxfuse.kernels import MergedWindow, Window, align_windows, exact, expand_groups, place_kernel
+from fxfuse.kernels import (
+    MergedWindow,
+    Window,
+    add_placed_kernel,
+    align_windows,
+    exact,
+    expand_groups,
+)
 from fxfuse.ops import (
     Combination,
     ConvGeometry,
@@ -245,8 +252,8 @@ class MergeBranches(Rule[BranchGroup]):
                     exact(conv.weight), conv.in_channels, conv.groups, plan.groups
                 )
                 steps = [w.steps[i] for w in plan.windows]
-                placed = place_kernel(kernel, plan.kernel_size, offsets, steps)
-                weight += placed * coefficient.reshape(-1, *[1] * (weight.dim() - 1))
+                scaled = kernel * coefficient.reshape(-1, *[1] * (weight.dim() - 1))
+                add_placed_kernel(weight, scaled, offsets, steps)
                 if conv.bias is not None:
                     bias += coefficient * exact(conv.bias)
             else:
@@ -254,7 +261,7 @@ class MergeBranches(Rule[BranchGroup]):
                 kernel, shift = diagonal_as_kernel(
                     term.diagonal, coefficient, channels, plan.groups, ndim
                 )
-                weight += place_kernel(kernel, plan.kernel_size, offsets, [1] * ndim)
+                add_placed_kernel(weight, kernel, offsets, [1] * ndim)
                 bias += shift.to(weight.device)
                 ctx.count(IDENTITY_RULE)
         for c, operand in group.constants:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from fxfuse.kernels import (
     Window,
+    add_placed_kernel,
     align_windows,
     batch_norm_affine,
     diagonal_kernel,
@@ -161,6 +162,15 @@ def test_place_kernel_merges_aligned_branches(
                    dilation=merged.dilation)
     assert total is not None and out.shape == total.shape
     assert relative_error(total, out) < 1e-12
+
+
+def test_add_placed_kernel_is_adding_the_placed_kernel() -> None:
+    target = torch.randn(4, 2, 7, 5, dtype=f64)
+    weight = torch.randn(4, 2, 3, 2, dtype=f64)
+    offsets, steps = [1, 0], [2, 3]
+    expected = target + place_kernel(weight, [7, 5], offsets, steps)
+    add_placed_kernel(target, weight, offsets, steps)
+    assert torch.equal(target, expected)
 
 
 def _pad1d(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
