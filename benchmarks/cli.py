@@ -38,7 +38,12 @@ def run_latency(args: argparse.Namespace) -> None:
     env = machine(device)
     env["inductor_cache"] = cold_compiles()
     models = latency.run(
-        specs, input_size=args.input_size, rounds=rounds, variants=args.variants, device=device
+        specs,
+        input_size=args.input_size,
+        rounds=rounds,
+        variants=args.variants,
+        device=device,
+        convert_repeats=args.convert_repeats,
     )
     print(latency.overview(models))
     env["load_average_after"] = machine(device)["load_average"]
@@ -95,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(VARIANTS)}",
     )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    parser.add_argument(
+        "--convert-repeats",
+        type=int,
+        default=5,
+        help="conversions of fxfuse, timm and fx.fuse for the median (compilers: once)",
+    )
     parser.add_argument("--input-size", type=int, default=None, help="override H = W")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument(

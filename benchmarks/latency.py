@@ -43,6 +43,7 @@ def run(
     rounds: int,
     variants: list[str] | None,
     device: str,
+    convert_repeats: int = 5,
 ) -> list[dict[str, Any]]:
     """Compare every model in ``specs``; print each table as it is done; return the results."""
     results = []
@@ -54,7 +55,14 @@ def run(
         if input_size is not None:
             shape = (*shape[:-2], input_size, input_size)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-        comparison = compare(model, (x,), spec=spec, variants=variants, rounds=rounds)
+        comparison = compare(
+            model,
+            (x,),
+            spec=spec,
+            variants=variants,
+            rounds=rounds,
+            convert_repeats=convert_repeats,
+        )
         print(comparison.table())
         print(summary(comparison), end="\n\n", flush=True)
         results.append(comparison.to_dict())

@@ -62,25 +62,25 @@ log = logging.getLogger("fxfuse")
 @dataclass
 class Built:
     """A variant's runnable model. ``lazy``: it compiles on its first call (torch.compile),
-    so that call is the conversion. ``phases``: seconds per conversion phase, where known.
-    ``convert_s``: the conversion proper, where the build also does something else (fxfuse's
-    verification, which is reported as a phase of its own); else the build's wall time."""
+    so that call is the conversion. ``phases``: seconds per conversion phase, where known."""
 
     fn: Callable[..., Any]
     phases: dict[str, float] = field(default_factory=dict)
     lazy: bool = False
-    convert_s: float | None = None
 
 
 @dataclass(frozen=True)
 class Variant:
     """One way to run a model: ``build`` makes the runnable, ``unavailable`` says why it
-    cannot apply to a model (``None`` when it can)."""
+    cannot apply to a model (``None`` when it can). ``check``, where given, verifies the
+    first build against the model; it is timed as the ``verify`` phase, apart from the
+    conversion time."""
 
     name: str
     description: str
     build: Callable[[nn.Module, tuple[Tensor, ...]], Built]
     unavailable: Callable[[nn.Module], str | None] = lambda model: None
+    check: Callable[[nn.Module, Callable[..., Any], tuple[Tensor, ...]], None] | None = None
 
 
 @dataclass
@@ -113,17 +113,11 @@ def _eager(model: nn.Module, inputs: tuple[Tensor, ...]) -> Built:
 
 
 def _fxfuse(model: nn.Module, inputs: tuple[Tensor, ...]) -> Built:
-    start = time.perf_counter()
     fused = fxfuse.optimize(model)
-    optimize_s = time.perf_counter() - start
-    phases = dict(fused.fxfuse_report.timings)
-    start = time.perf_counter()
-    _verify(model, fused, inputs)
-    phases["verify"] = time.perf_counter() - start
-    return Built(fused, phases, convert_s=optimize_s)
+    return Built(fused, dict(fused.fxfuse_report.timings))
 
 
-def _verify(model: nn.Module, fused: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+def _verify(model: nn.Module, fused: Callable[..., Any], inputs: tuple[Tensor, ...]) -> None:
     """fxfuse's verifier where it exists (fxfuse.verify), else one differential check."""
     verify = getattr(fxfuse, "verify", None)
     if verify is not None:
@@ -185,7 +179,7 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("eager", "training-time model as written", _eager),
-        Variant("fxfuse", "fxfuse.optimize", _fxfuse),
+        Variant("fxfuse", "fxfuse.optimize", _fxfuse, check=_verify),
         Variant("timm", "timm reparameterize_model", _timm, _is_timm),
         Variant("fx.fuse", "torch.fx.experimental.optimization.fuse", _fx_fuse),
         Variant("jit.freeze", "torch.jit trace + freeze + optimize_for_inference", _jit_freeze),
@@ -330,8 +324,7 @@ def _build(
     if built.lazy:
         _call(built.fn, inputs, device)
     _sync(device)
-    seconds = time.perf_counter() - start
-    return built, seconds if built.convert_s is None else built.convert_s
+    return built, time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -394,6 +387,7 @@ def _compare(
     measurements: dict[str, Measurement] = {}
     runnable: dict[str, Callable[..., Any]] = {}
     reference = _call(model, inputs, device)
+    builds: dict[str, list[tuple[Built, float]]] = {}
     for name in progress(names, "converting", enabled=show_progress):
         variant = VARIANTS[name]
         why = variant.unavailable(model)
@@ -401,28 +395,37 @@ def _compare(
             measurements[name] = Measurement(name, "unavailable", why)
             continue
         try:
-            builds = [_build(variant, model, inputs, device)]
-            if name in _REPEATABLE:
-                builds += [
-                    _build(variant, model, inputs, device) for _ in range(convert_repeats - 1)
-                ]
-            built = builds[0][0]
+            built, seconds = _build(variant, model, inputs, device)
             output = _call(built.fn, inputs, device)
+            if variant.check is not None:
+                start = time.perf_counter()
+                variant.check(model, built.fn, inputs)
+                built.phases["verify"] = time.perf_counter() - start
         except Exception as error:  # a baseline that breaks is a finding, not a crash
             log.debug("%s failed", name, exc_info=True)
             measurements[name] = Measurement(name, "failed", f"{type(error).__name__}: {error}")
             continue
+        builds[name] = [(built, seconds)]
         counts = count_ops_profiled(built.fn, *inputs)
         measurements[name] = Measurement(
             name,
             "ok",
-            convert_s=statistics.median(s for _, s in builds) if name != "eager" else 0.0,
-            phases=_median_phases([b.phases for b, _ in builds]),
             convs=None if counts is None else counts["conv"],
             batch_norms=None if counts is None else counts["batch_norm"],
             error=relative_error(reference, output),
         )
         runnable[name] = built.fn
+
+    # More conversions of the cheap converters, interleaved like the latency rounds, so a
+    # noisy moment on the machine does not land on one converter only.
+    repeatable = [n for n in builds if n in _REPEATABLE]
+    for _ in range(convert_repeats - 1):
+        for name in repeatable:
+            builds[name].append(_build(VARIANTS[name], model, inputs, device))
+    for name, runs in builds.items():
+        m = measurements[name]
+        m.convert_s = statistics.median(s for _, s in runs) if name != "eager" else 0.0
+        m.phases = _median_phases([b.phases for b, _ in runs])
 
     samples = _interleave(runnable, inputs, device, rounds, warmup, show_progress)
     for name, times in samples.items():
