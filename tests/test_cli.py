@@ -121,55 +121,41 @@ def test_optimize_a_factory_in_a_file_uses_its_input_shape(factory_file: Path) -
     assert ": ok" in result.stdout
 
 
-def test_optimize_torchvision_model_with_random_weights() -> None:
+def optimize_quickly(spec: str, *extra: str, shape: str = "1,3,32,32") -> str:
+    """``fxfuse optimize SPEC`` on one small input, one timing repeat; asserts success and
+    returns what it printed."""
     result = fxfuse_cli(
-        "optimize",
-        "torchvision:resnet18",
-        "--input-shape",
-        "1,3,32,32",
-        "--verify",
-        "1",
-        "--repeats",
-        "1",
+        "optimize", spec, "--input-shape", shape, "--verify", "1", "--repeats", "1", *extra
     )
     assert result.returncode == 0, result.stderr
-    assert "random weights" in result.stdout
-    row = next(line for line in result.stdout.splitlines() if line.startswith("batch norms"))
+    assert ": ok" in result.stdout
+    return result.stdout
+
+
+def test_optimize_torchvision_model_with_random_weights() -> None:
+    out = optimize_quickly("torchvision:resnet18")
+    assert "random weights" in out
+    row = next(line for line in out.splitlines() if line.startswith("batch norms"))
     assert row.split()[-1] == "0"  # every batch norm of a ResNet folds
 
 
 def test_optimize_timm_model() -> None:
     pytest.importorskip("timm")
-    result = fxfuse_cli(
-        "optimize",
-        "timm:repvgg_a0",
-        "--input-shape",
-        "1,3,32,32",
-        "--verify",
-        "1",
-        "--repeats",
-        "1",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "timm:repvgg_a0" in result.stdout
-    assert ": ok" in result.stdout
+    out = optimize_quickly("timm:repvgg_a0")
+    assert "timm:repvgg_a0" in out
+    row = next(line for line in out.splitlines() if line.startswith("convolutions"))
+    assert row.split()[1:] == ["44", "22"]  # one conv per RepVGG block, as timm's converter
+
+
+def save_repvgg_net(out: Path) -> Path:
+    """``fxfuse optimize builtin:repvgg_net --save out`` on a 16×16 input; ``out``."""
+    stdout = optimize_quickly("builtin:repvgg_net", "--save", str(out), shape="1,3,16,16")
+    assert f"saved the fused model to {out}" in stdout
+    return out
 
 
 def test_save_pt2_loads_back_without_the_source(tmp_path: Path) -> None:
-    out = tmp_path / "fused.pt2"
-    result = fxfuse_cli(
-        "optimize",
-        "builtin:repvgg_net",
-        "--input-shape",
-        "1,3,16,16",
-        "--verify",
-        "1",
-        "--repeats",
-        "1",
-        "--save",
-        str(out),
-    )
-    assert result.returncode == 0, result.stderr
+    out = save_repvgg_net(tmp_path / "fused.pt2")
     program = torch.export.load(str(out))
     model = load_model("builtin:repvgg_net").model
     from fxfuse.testing import randomize_batch_norms
@@ -187,20 +173,7 @@ def test_save_onnx_runs_in_onnxruntime(tmp_path: Path) -> None:
     pytest.importorskip("onnxscript")
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    out = tmp_path / "fused.onnx"
-    result = fxfuse_cli(
-        "optimize",
-        "builtin:repvgg_net",
-        "--input-shape",
-        "1,3,16,16",
-        "--verify",
-        "1",
-        "--repeats",
-        "1",
-        "--save",
-        str(out),
-    )
-    assert result.returncode == 0, result.stderr
+    out = save_repvgg_net(tmp_path / "fused.onnx")
     ops = [node.op_type for node in onnx.load(str(out)).graph.node]
     assert ops.count("Conv") == 5 and "BatchNormalization" not in ops
     session = ort.InferenceSession(str(out))
