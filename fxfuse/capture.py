@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import Graph, Proxy
+from torch.fx import Graph, GraphModule, Proxy
 from torch.fx import Tracer as FxTracer
 from torch.fx.proxy import TraceError
 
 from fxfuse.errors import CaptureError
 
-__all__ = ["Tracer", "symbolic_capture"]
+__all__ = ["Tracer", "export_capture", "symbolic_capture"]
 
 
 class Tracer(FxTracer):
@@ -90,6 +90,18 @@ def symbolic_capture(
         raise CaptureError(_explain(model, error)) from error
 
 
+def export_capture(
+    model: nn.Module, example_inputs: Sequence[Any]
+) -> tuple[torch.export.ExportedProgram, GraphModule]:
+    """``model`` captured by ``torch.export`` on ``example_inputs``: the program and its
+    module (aten IR, weights as attributes). :class:`CaptureError` if export fails."""
+    try:
+        program = torch.export.export(model, tuple(example_inputs))
+    except Exception as error:
+        raise CaptureError(_explain(model, error, "torch.export")) from error
+    return program, program.module()
+
+
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OUR_DIR = os.path.dirname(__file__)
 
@@ -106,7 +118,7 @@ def _user_frame(tb: TracebackType | None) -> tuple[traceback.FrameSummary, Any] 
     return found
 
 
-def _explain(model: nn.Module, error: Exception) -> str:
+def _explain(model: nn.Module, error: Exception, how: str = "torch.fx.symbolic_trace") -> str:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "control flow" in message:
         what = "data-dependent control flow (an `if`/`while` on a tensor value)"
@@ -116,7 +128,7 @@ def _explain(model: nn.Module, error: Exception) -> str:
         what = message
     else:
         what = f"{type(error).__name__}: {message}"
-    lines = [f"torch.fx.symbolic_trace cannot capture {type(model).__name__}: {what}"]
+    lines = [f"{how} cannot capture {type(model).__name__}: {what}"]
     frame = _user_frame(error.__traceback__)
     owner = None
     if frame is not None:
@@ -137,5 +149,14 @@ def _explain(model: nn.Module, error: Exception) -> str:
     lines.append(
         "  - if it branches on a Python flag argument, fix it: "
         "fxfuse.optimize(model, concrete_args={'flag': value})"
+    )
+    if how == "torch.fx.symbolic_trace":
+        lines.append(
+            "  - pass example inputs, fxfuse.optimize(model, (x,)), and fxfuse captures it with "
+            "torch.export instead where symbolic tracing fails"
+        )
+    lines.append(
+        '  - or compile it: torch.compile(model, backend="fxfuse") fuses each graph around '
+        "the graph breaks"
     )
     return "\n".join(lines)

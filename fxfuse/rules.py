@@ -480,10 +480,14 @@ class RewriteContext:
         return not node.is_impure()
 
     def _erase_dead(self, node: Node) -> None:
+        """Erase ``node`` (a replaced root: a rule vouched for replacing it, even if torch
+        calls it impure, like an eval-mode ``aten.dropout``) and what only it used."""
         stack = [node]
         while stack:
             n = stack.pop()
-            if getattr(n, "_erased", False) or not self._erasable(n):
+            if getattr(n, "_erased", False) or n.users:
+                continue
+            if not (n is node and n.op not in ("placeholder", "output")) and not self._removable(n):
                 continue
             inputs = n.all_input_nodes
             self.graph.erase_node(n)
