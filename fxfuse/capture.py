@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import traceback
 from collections.abc import Iterable, Sequence
@@ -26,14 +27,31 @@ from torch.fx.proxy import TraceError
 
 from fxfuse.errors import CaptureError
 
+log = logging.getLogger("fxfuse")
+
 __all__ = ["Tracer", "export_capture", "symbolic_capture"]
 
 
 class Tracer(FxTracer):
-    """``torch.fx.Tracer`` with O(1) parameter/buffer naming and user-chosen leaf modules."""
+    """``torch.fx.Tracer`` with O(1) parameter/buffer naming, user-chosen leaf modules, and
+    buffers traced like parameters.
 
-    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = (), **kwargs: Any):
+    ``torch.fx`` reads buffers at trace time by default, so ``self.running_var.rsqrt()`` is
+    computed once and baked into the graph as a constant — and so is ``torch.rand_like(buf)``,
+    which makes the traced model deterministic where the model is not. Tracing buffers keeps
+    those ops in the graph: the deterministic ones are folded by ``fold-constants``, the
+    random ones stay random.
+    """
+
+    def __init__(
+        self,
+        leaf_modules: Iterable[type[nn.Module]] = (),
+        *,
+        proxy_buffers: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
+        self.proxy_buffer_attributes = proxy_buffers
         self.extra_leaves = tuple(leaf_modules)
         self._names: dict[int, str] = {}
 
@@ -83,11 +101,20 @@ def symbolic_capture(
     Raises :class:`CaptureError` when symbolic tracing fails. No ``GraphModule`` is built here:
     fxfuse builds exactly one, for the result.
     """
-    tracer = Tracer(leaf_modules)
     try:
-        return tracer.trace(model, concrete_args)
+        return Tracer(leaf_modules).trace(model, concrete_args)
     except Exception as error:
-        raise CaptureError(_explain(model, error)) from error
+        try:  # some models branch on a buffer's value: read buffers at trace time, as fx does
+            graph = Tracer(leaf_modules, proxy_buffers=False).trace(model, concrete_args)
+        except Exception:
+            raise CaptureError(_explain(model, error)) from error
+        log.info(
+            "fxfuse: tracing %s with traced buffers failed (%s); buffers were read at "
+            "trace time instead",
+            type(model).__name__,
+            str(error).splitlines()[0],
+        )
+        return graph
 
 
 def export_capture(
