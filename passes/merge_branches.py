@@ -29,7 +29,15 @@ from functools import cached_property
 from torch import Tensor
 from torch.fx import Node
 
-from fxfuse.kernels import MergedWindow, Window, align_windows, exact, expand_groups, place_kernel
+from fxfuse.kernels import (
+    MergedWindow,
+    Window,
+    add_diagonal,
+    add_placed,
+    align_windows,
+    exact,
+    expand_groups,
+)
 from fxfuse.ops import (
     Combination,
     ConvGeometry,
@@ -42,7 +50,7 @@ from fxfuse.rules import Match, RewriteContext, Rule
 
 from .fold_bn import other_users, uses_batch_stats_reason
 from .identity import RULE_NAME as IDENTITY_RULE
-from .identity import Diagonal, as_diagonal, diagonal_as_kernel, identity
+from .identity import Diagonal, as_diagonal, diagonal_terms, identity
 
 __all__ = ["BranchGroup", "MergeBranches", "Term"]
 
@@ -241,20 +249,19 @@ class MergeBranches(Rule[BranchGroup]):
             offsets = [w.offsets[i] for w in plan.windows]
             if term.conv is not None:
                 conv = term.conv
-                kernel = expand_groups(
-                    exact(conv.weight), conv.in_channels, conv.groups, plan.groups
-                )
+                kernel = conv.weight
+                if conv.groups != plan.groups:
+                    kernel = expand_groups(
+                        exact(kernel), conv.in_channels, conv.groups, plan.groups
+                    )
                 steps = [w.steps[i] for w in plan.windows]
-                placed = place_kernel(kernel, plan.kernel_size, offsets, steps)
-                weight += placed * coefficient.reshape(-1, *[1] * (weight.dim() - 1))
+                add_placed(weight, kernel, offsets, steps, coefficient)
                 if conv.bias is not None:
                     bias += coefficient * exact(conv.bias)
             else:
                 assert term.diagonal is not None
-                kernel, shift = diagonal_as_kernel(
-                    term.diagonal, coefficient, channels, plan.groups, ndim
-                )
-                weight += place_kernel(kernel, plan.kernel_size, offsets, [1] * ndim)
+                scale, shift = diagonal_terms(term.diagonal, coefficient)
+                add_diagonal(weight, scale, plan.groups, offsets)
                 bias += shift.to(weight.device)
                 ctx.count(IDENTITY_RULE)
         for c, operand in group.constants:
