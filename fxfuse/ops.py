@@ -492,17 +492,7 @@ _SIGNATURES: dict[Callable[..., Any], tuple[str, ...]] = {
         "momentum",
         "eps",
     ),
-    torch.batch_norm: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "training",
-        "momentum",
-        "eps",
-        "cudnn_enabled",
-    ),
+    torch.batch_norm: _TORCH_BATCH_NORM_ARGS,
 }
 _DEFAULTS: dict[str, Any] = {
     "bias": None,
