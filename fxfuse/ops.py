@@ -471,16 +471,7 @@ _SIGNATURES: dict[Callable[..., Any], tuple[str, ...]] = {
         "momentum",
         "eps",
     ),
-    aten.native_batch_norm.default: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "training",
-        "momentum",
-        "eps",
-    ),
+    aten.native_batch_norm.default: _TORCH_BATCH_NORM_ARGS[:-1],  # no cudnn_enabled
     aten.dropout.default: ("input", "p", "train"),
     F.batch_norm: (
         "input",
