@@ -9,18 +9,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
-from torch.fx import Graph, GraphModule
+from torch import Tensor, nn
+from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxfuse.capture import symbolic_capture
+from fxfuse.capture import export_capture, symbolic_capture
 from fxfuse.emit import emit
-from fxfuse.errors import TrainingModeError, VerificationError
+from fxfuse.errors import CaptureError, TrainingModeError, VerificationError
 from fxfuse.report import FusionReport, graph_stats
 from fxfuse.rules import FusionOptions, RewriteContext, Rule, RuleSet
 from fxfuse.verify import buffers_restored
 
-__all__ = ["optimize"]
+__all__ = ["fuse_graph", "optimize"]
 
 log = logging.getLogger("fxfuse")
 
@@ -85,7 +85,7 @@ def _verify_result(
 
 
 def optimize(
-    model: nn.Module,
+    model: nn.Module | torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | None = None,
     *,
     rules: RuleSet | Iterable[Rule[Any]] | None = None,
@@ -103,8 +103,10 @@ def optimize(
     cast back to each layer's dtype.
 
     Args:
-        model: an ``nn.Module`` in eval mode. It is never modified: the result owns fresh
-            copies of everything it uses.
+        model: an ``nn.Module`` in eval mode, or a ``torch.export.ExportedProgram``. It is
+            never modified: the result owns fresh copies of everything it uses. A module
+            ``torch.fx`` cannot trace is captured with ``torch.export`` instead when
+            ``example_inputs`` are given (the report's ``capture`` says which path ran).
         example_inputs: optional inputs; when given, the graph's shapes are recorded first
             and the rules check their layout assumptions against them.
         rules: the rule set to run (default :func:`fxfuse.passes.default_rules`); a plain
@@ -122,7 +124,8 @@ def optimize(
 
     Returns:
         A ``GraphModule`` in eval mode, with the :class:`~fxfuse.FusionReport` as its
-        ``fxfuse_report`` attribute.
+        ``fxfuse_report`` attribute; for an ``ExportedProgram``, a fused ``ExportedProgram``
+        (re-exported on its own example inputs, dynamic dims kept) with the same attribute.
 
     Raises:
         TrainingModeError: ``model.training`` is true.
@@ -130,8 +133,13 @@ def optimize(
         VerificationError: with ``verify=True``, the fused model differs from ``model``.
         ValueError: ``verify`` or ``validate_rewrites`` without ``example_inputs``.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        return _optimize_program(model, example_inputs, rules=rules, options=options, verify=verify)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"fxfuse.optimize takes an nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            "fxfuse.optimize takes an nn.Module or a torch.export.ExportedProgram, "
+            f"got {type(model).__name__}"
+        )
     if model.training:
         raise TrainingModeError(
             f"{type(model).__name__} is in training mode, where batch norm uses batch "
@@ -139,32 +147,89 @@ def optimize(
             "Call model.eval() first (fxfuse never changes the mode of your model)."
         )
     options = _checked_options(options, example_inputs, verify)
-    timings: dict[str, float] = {}
     start = time.perf_counter()
-    graph = symbolic_capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    if example_inputs is not None:
+    graph, root, capture = _capture(model, example_inputs, leaf_modules, concrete_args)
+    if example_inputs is not None and capture == SYMBOLIC:
         # (it runs the caller's modules: a batch norm in training mode would update its stats)
         with torch.no_grad(), buffers_restored(model):
-            ShapeProp(GraphModule(model, graph)).propagate(*example_inputs)
-        # that GraphModule only recorded shapes: emission adds submodules it never had, and
-        # torch.fx checks new call_module targets against a graph's owning module
-        graph.owning_module = None
-    timings["capture"] = time.perf_counter() - start
+            ShapeProp(GraphModule(root, graph)).propagate(*example_inputs)
+    captured = time.perf_counter() - start
+    fused = fuse_graph(
+        graph,
+        root,
+        rules=rules,
+        options=options,
+        capture=capture,
+        class_name=f"Fused{type(model).__name__}",
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+    report = fused.fxfuse_report
+    report.timings = {"capture": captured, **report.timings}
+    if verify:
+        assert example_inputs is not None
+        start = time.perf_counter()
+        report.verification = _verify_result(model, fused, example_inputs, verify)
+        report.timings["verify"] = time.perf_counter() - start
+    return fused
 
-    ctx = RewriteContext(graph, model, options)
+
+SYMBOLIC = "torch.fx.symbolic_trace"
+
+
+def _capture(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None,
+    leaf_modules: Iterable[type[nn.Module]],
+    concrete_args: dict[str, Any] | None,
+) -> tuple[Graph, nn.Module, str]:
+    """The graph to fuse, the module its targets name, and how it was captured."""
+    try:
+        graph = symbolic_capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        return graph, model, SYMBOLIC
+    except CaptureError as traced:
+        if example_inputs is None:
+            raise
+        reason = str(traced).splitlines()[0]
+        try:
+            _, module = export_capture(model, example_inputs)
+        except CaptureError as exported:
+            raise CaptureError(f"{traced}\n\nand the fallback failed too: {exported}") from (
+                exported.__cause__
+            )
+        log.info("fxfuse: %s; captured with torch.export instead", reason)
+        return module.graph, module, f"torch.export (symbolic tracing failed: {reason})"
+
+
+def fuse_graph(
+    graph: Graph,
+    root: nn.Module,
+    *,
+    bound: dict[Node, Tensor] | None = None,
+    rules: RuleSet | Iterable[Rule[Any]] | None = None,
+    options: FusionOptions | None = None,
+    capture: str,
+    class_name: str,
+    parameters: int,
+) -> GraphModule:
+    """Run the rules on ``graph`` (in place) and emit the fused ``GraphModule``.
+
+    ``root`` resolves the graph's targets; ``bound`` gives the tensors of placeholders that
+    hold weights (graphs from ``torch.compile``). The result carries its report.
+    """
+    ctx = RewriteContext(graph, root, options, bound)
     report = FusionReport(
-        capture="torch.fx.symbolic_trace",
-        before=graph_stats(graph, ctx.module, sum(p.numel() for p in model.parameters())),
+        capture=capture,
+        before=graph_stats(graph, ctx.module, parameters),
         notes=_left_alone(graph, ctx),
     )
     start = time.perf_counter()
     _rule_set(rules).run(ctx)
-    timings["rules"] = time.perf_counter() - start
+    report.timings["rules"] = time.perf_counter() - start
 
     start = time.perf_counter()
     declines = ctx.declines()
-    fused = emit(graph, ctx.attribute, ctx.attributes, class_name=f"Fused{type(model).__name__}")
-    timings["emit"] = time.perf_counter() - start
+    fused = emit(graph, ctx.attribute, ctx.attributes, class_name=class_name)
+    report.timings["emit"] = time.perf_counter() - start
 
     report.after = graph_stats(
         fused.graph, fused.get_submodule, sum(p.numel() for p in fused.parameters())
@@ -176,15 +241,9 @@ def optimize(
         report.validation = ctx.validator.stats
         report.declines += [d for d in ctx.validator.failures if d not in declines]
     fused.fxfuse_report = report
-    if verify:
-        assert example_inputs is not None
-        start = time.perf_counter()
-        report.verification = _verify_result(model, fused, example_inputs, verify)
-        timings["verify"] = time.perf_counter() - start
-    report.timings = timings
     log.info(
         "fxfuse: %s convs %d -> %d, batch norms %d -> %d, %d declined",
-        type(model).__name__,
+        class_name,
         report.before.convs,
         report.after.convs,
         report.before.batch_norms,
@@ -192,3 +251,74 @@ def optimize(
         len(declines),
     )
     return fused
+
+
+def _optimize_program(
+    program: torch.export.ExportedProgram,
+    example_inputs: Sequence[Any] | None,
+    *,
+    rules: RuleSet | Iterable[Rule[Any]] | None,
+    options: FusionOptions | None,
+    verify: bool | Mapping[str, Any],
+) -> torch.export.ExportedProgram:
+    """Fuse an ``ExportedProgram``: its module (aten IR) through the same rules, re-exported."""
+    args, kwargs = _program_inputs(program, example_inputs)
+    options = _checked_options(options, args, verify)
+    start = time.perf_counter()
+    module = program.module()
+    captured = time.perf_counter() - start
+    fused = fuse_graph(
+        module.graph,
+        module,
+        rules=rules,
+        options=options,
+        capture="torch.export",
+        class_name="FusedExportedProgram",
+        parameters=sum(p.numel() for p in program.parameters()),
+    )
+    report = fused.fxfuse_report
+    start = time.perf_counter()
+    result = torch.export.export(fused, args, kwargs, dynamic_shapes=_dynamic_shapes(program))
+    report.timings = {"capture": captured, **report.timings, "export": time.perf_counter() - start}
+    if verify:
+        start = time.perf_counter()
+        report.verification = _verify_result(program.module(), result.module(), args, verify)
+        report.timings["verify"] = time.perf_counter() - start
+    result.fxfuse_report = report  # type: ignore[attr-defined]
+    return result
+
+
+def _program_inputs(
+    program: torch.export.ExportedProgram, example_inputs: Sequence[Any] | None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if example_inputs is not None:
+        return tuple(example_inputs), {}
+    stored = getattr(program, "example_inputs", None)
+    if stored is None:
+        raise ValueError(
+            "this ExportedProgram carries no example inputs to re-export the fused program "
+            "with; pass them: fxfuse.optimize(program, (x,))"
+        )
+    args, kwargs = stored
+    return tuple(args), dict(kwargs)
+
+
+def _dynamic_shapes(program: torch.export.ExportedProgram) -> Any:
+    """The program's dynamic dims, as ``Dim.AUTO`` per user input (``None`` if static)."""
+    specs = program.graph_signature.user_inputs
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    shapes: list[Any] = []
+    dynamic = False
+    for name in specs:
+        val = placeholders[name].meta.get("val") if name in placeholders else None
+        if isinstance(val, Tensor):
+            dims = {
+                i: torch.export.Dim.AUTO
+                for i, size in enumerate(val.shape)
+                if not isinstance(size, int)
+            }
+            dynamic = dynamic or bool(dims)
+            shapes.append(dims or None)
+        else:
+            shapes.append(None)
+    return tuple(shapes) if dynamic else None

@@ -410,8 +410,8 @@ def _compare(
         measurements[name] = Measurement(
             name,
             "ok",
-            convs=None if counts is None else counts["conv"],
-            batch_norms=None if counts is None else counts["batch_norm"],
+            convs=counts["conv"],
+            batch_norms=counts["batch_norm"],
             error=relative_error(reference, output),
         )
         runnable[name] = built.fn

@@ -12,28 +12,46 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import Graph, Proxy
+from torch.fx import Graph, GraphModule, Proxy
 from torch.fx import Tracer as FxTracer
 from torch.fx.proxy import TraceError
 
 from fxfuse.errors import CaptureError
 
-__all__ = ["Tracer", "symbolic_capture"]
+log = logging.getLogger("fxfuse")
+
+__all__ = ["Tracer", "export_capture", "symbolic_capture"]
 
 
 class Tracer(FxTracer):
-    """``torch.fx.Tracer`` with O(1) parameter/buffer naming and user-chosen leaf modules."""
+    """``torch.fx.Tracer`` with O(1) parameter/buffer naming, user-chosen leaf modules, and
+    buffers traced like parameters.
 
-    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = (), **kwargs: Any):
+    ``torch.fx`` reads buffers at trace time by default, so ``self.running_var.rsqrt()`` is
+    computed once and baked into the graph as a constant — and so is ``torch.rand_like(buf)``,
+    which makes the traced model deterministic where the model is not. Tracing buffers keeps
+    those ops in the graph: the deterministic ones are folded by ``fold-constants``, the
+    random ones stay random.
+    """
+
+    def __init__(
+        self,
+        leaf_modules: Iterable[type[nn.Module]] = (),
+        *,
+        proxy_buffers: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
+        self.proxy_buffer_attributes = proxy_buffers
         self.extra_leaves = tuple(leaf_modules)
         self._names: dict[int, str] = {}
 
@@ -83,11 +101,32 @@ def symbolic_capture(
     Raises :class:`CaptureError` when symbolic tracing fails. No ``GraphModule`` is built here:
     fxfuse builds exactly one, for the result.
     """
-    tracer = Tracer(leaf_modules)
     try:
-        return tracer.trace(model, concrete_args)
+        return Tracer(leaf_modules).trace(model, concrete_args)
     except Exception as error:
-        raise CaptureError(_explain(model, error)) from error
+        try:  # some models branch on a buffer's value: read buffers at trace time, as fx does
+            graph = Tracer(leaf_modules, proxy_buffers=False).trace(model, concrete_args)
+        except Exception:
+            raise CaptureError(_explain(model, error)) from error
+        log.info(
+            "fxfuse: tracing %s with traced buffers failed (%s); buffers were read at "
+            "trace time instead",
+            type(model).__name__,
+            str(error).splitlines()[0],
+        )
+        return graph
+
+
+def export_capture(
+    model: nn.Module, example_inputs: Sequence[Any]
+) -> tuple[torch.export.ExportedProgram, GraphModule]:
+    """``model`` captured by ``torch.export`` on ``example_inputs``: the program and its
+    module (aten IR, weights as attributes). :class:`CaptureError` if export fails."""
+    try:
+        program = torch.export.export(model, tuple(example_inputs))
+    except Exception as error:
+        raise CaptureError(_explain(model, error, "torch.export")) from error
+    return program, program.module()
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -106,7 +145,7 @@ def _user_frame(tb: TracebackType | None) -> tuple[traceback.FrameSummary, Any] 
     return found
 
 
-def _explain(model: nn.Module, error: Exception) -> str:
+def _explain(model: nn.Module, error: Exception, how: str = "torch.fx.symbolic_trace") -> str:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "control flow" in message:
         what = "data-dependent control flow (an `if`/`while` on a tensor value)"
@@ -116,7 +155,7 @@ def _explain(model: nn.Module, error: Exception) -> str:
         what = message
     else:
         what = f"{type(error).__name__}: {message}"
-    lines = [f"torch.fx.symbolic_trace cannot capture {type(model).__name__}: {what}"]
+    lines = [f"{how} cannot capture {type(model).__name__}: {what}"]
     frame = _user_frame(error.__traceback__)
     owner = None
     if frame is not None:
@@ -137,5 +176,14 @@ def _explain(model: nn.Module, error: Exception) -> str:
     lines.append(
         "  - if it branches on a Python flag argument, fix it: "
         "fxfuse.optimize(model, concrete_args={'flag': value})"
+    )
+    if how == "torch.fx.symbolic_trace":
+        lines.append(
+            "  - pass example inputs, fxfuse.optimize(model, (x,)), and fxfuse captures it with "
+            "torch.export instead where symbolic tracing fails"
+        )
+    lines.append(
+        '  - or compile it: torch.compile(model, backend="fxfuse") fuses each graph around '
+        "the graph breaks"
     )
     return "\n".join(lines)

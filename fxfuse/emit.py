@@ -172,6 +172,8 @@ def emit(
     (by target). Everything the caller's model would share with the result is deep-copied,
     with one memo so weight tying survives.
     """
+    # new call_module targets are checked against a graph's owning module; the result owns it
+    graph.owning_module = None
     _drop_dead_pure_nodes(graph)
     targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
     owned: dict[str, Any] = {t: created[t] for t in targets if t in created}

@@ -32,7 +32,8 @@ from torch import Tensor
 __all__ = [
     "MergedWindow",
     "Window",
-    "add_placed_kernel",
+    "add_diagonal",
+    "add_placed",
     "align_windows",
     "batch_norm_affine",
     "diagonal_kernel",
@@ -87,8 +88,10 @@ def scale_output_channels(
     lives at ``W[G·in/g : (G+1)·in/g, o − G·out/g]``, so the scale is applied per group on
     dim 1. Returns float64 tensors; ``bias`` may be ``None`` (treated as 0).
     """
-    w = exact(weight)
     scale = exact(scale).reshape(-1)
+    w = _on_math_device(weight)
+    # (a float32 weight times a float64 scale is computed, and stored, in float64: exact,
+    # with one allocation instead of a float64 copy and then a product)
     if transposed:
         in_channels, out_per_group = w.shape[0], w.shape[1]
         grouped = w.reshape(groups, in_channels // groups, out_per_group, *w.shape[2:])
@@ -101,6 +104,11 @@ def scale_output_channels(
     if shift is not None:
         b = b + exact(shift).reshape(-1)
     return w, b
+
+
+def _on_math_device(t: Tensor) -> Tensor:
+    """``t`` detached, on a device that supports float64 (its dtype unchanged)."""
+    return t.detach().cpu() if t.device.type == "mps" else t.detach()
 
 
 def diagonal_kernel(
@@ -221,26 +229,47 @@ def align_windows(windows: Sequence[Window]) -> MergedWindow:
 def place_kernel(
     weight: Tensor, extent: Sequence[int], offsets: Sequence[int], steps: Sequence[int]
 ) -> Tensor:
-    """Zero-pad ``weight`` ``[O, I, k…]`` into ``[O, I, *extent]``.
+    """Zero-pad ``weight`` ``[O, I, k…]`` into ``[O, I, *extent]`` (float64).
 
     Tap ``j`` of spatial dim ``i`` lands at ``offsets[i] + j·steps[i]``: a step above 1 spreads
     a dilated kernel onto a finer grid (``d − 1`` zeros between taps).
     """
-    placed = weight.new_zeros((*weight.shape[:2], *extent))
-    add_placed_kernel(placed, weight, offsets, steps)
+    placed = exact(weight).new_zeros((*weight.shape[:2], *extent))
+    add_placed(placed, weight, offsets, steps)
     return placed
 
 
-def add_placed_kernel(
-    target: Tensor, weight: Tensor, offsets: Sequence[int], steps: Sequence[int]
+def add_placed(
+    target: Tensor,
+    weight: Tensor,
+    offsets: Sequence[int],
+    steps: Sequence[int],
+    scale: Tensor | None = None,
 ) -> None:
-    """``target += place_kernel(weight, target's extent, offsets, steps)``, in place.
+    """``target += place_kernel(weight) · scale`` in place, without building the placed kernel.
 
-    Only the taps are touched: no zero tensor of the merged size is made per branch, which
-    for a wide layer (a 1280-channel RepVGG stage, float64) is most of a merge's time.
+    ``target`` is float64 ``[O, I, *extent]``; ``scale`` (optional) is per output channel.
     """
     index = tuple(
         slice(offset, offset + (k - 1) * step + 1, step)
         for offset, step, k in zip(offsets, steps, weight.shape[2:], strict=True)
     )
-    target[(slice(None), slice(None), *index)] += weight
+    view = target[(slice(None), slice(None), *index)]
+    source = _on_math_device(weight).to(target.device)
+    if scale is None:
+        view.add_(source)
+    else:
+        view.addcmul_(source, scale.to(target).reshape(-1, *[1] * (source.dim() - 1)))
+
+
+def add_diagonal(target: Tensor, scale: Tensor, groups: int, centre: Sequence[int]) -> None:
+    """``target[c, c mod (C/g), *centre] += scale[c]`` in place: a per-channel map added to a
+    conv kernel (see :func:`diagonal_kernel`)."""
+    channels = scale.numel()
+    per_group = channels // groups
+    index = torch.arange(channels, device=target.device)
+    target.index_put_(
+        (index, index % per_group, *[torch.tensor(c, device=target.device) for c in centre]),
+        exact(scale).reshape(-1).to(target.device),
+        accumulate=True,
+    )

@@ -41,6 +41,10 @@ from torch.nn.modules.padding import (
 from fxfuse.kernels import Window
 
 __all__ = [
+    "BATCH_NORM_FUNCTIONS",
+    "CONV_FUNCTIONS",
+    "CONV_TRANSPOSE_FUNCTIONS",
+    "LINEAR_FUNCTIONS",
     "PADDING_MODES",
     "BatchNormView",
     "Combination",
@@ -231,10 +235,41 @@ def _slice_crop(index: Any, ndim: int) -> tuple[tuple[int, int], ...] | None:
     return tuple(pairs)
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _slice_as_padding(node: Node, ndim: int) -> tuple[Node, Padding] | None:
+    """``aten.slice(x, dim, start, end)`` on a spatial dim as a crop (negative padding)."""
+    args = bind_arguments(aten.slice.Tensor, node)
+    if args is None or not isinstance(args["input"], Node) or args["step"] not in (None, 1):
+        return None
+    dim, start, end = args["dim"], args["start"], args["end"]
+    if not isinstance(dim, int):
+        return None
+    spatial = dim - 2 if dim >= 0 else dim + ndim
+    start = 0 if start is None else start
+    end = 0 if end is None or end == _INT64_MAX else end
+    if start == 0 and end == 0:  # x[:, ...] on any dim (export writes these out): a no-op
+        return args["input"], Padding(((0, 0),) * ndim)
+    if not 0 <= spatial < ndim or not isinstance(start, int) or not isinstance(end, int):
+        return None
+    if start < 0 or end > 0:
+        return None
+    pairs = [(0, 0)] * ndim
+    pairs[spatial] = (-start, end)
+    return args["input"], Padding(tuple(pairs))
+
+
 def _as_padding_op(node: Node, ndim: int, consts: Constants) -> tuple[Node, Padding] | None:
     """A pad or crop of a value: ``F.pad``, an ``nn.*Pad*d`` module, or a slicing crop."""
-    if node.op == "call_function" and node.target is F.pad:
-        args = bind_arguments(F.pad, node)
+    if node.op == "call_function" and node.target is aten.slice.Tensor:
+        return _slice_as_padding(node, ndim)
+    if node.op == "call_function" and node.target in (
+        F.pad,
+        aten.pad.default,
+        aten.constant_pad_nd.default,
+    ):
+        args = bind_arguments(node.target, node)
         if args is None or not isinstance(args["input"], Node):
             return None
         mode = _PAD_MODES.get(args.get("mode", "constant"))
@@ -379,6 +414,19 @@ _CONVT_ARGS = (
     "groups",
     "dilation",
 )
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_TORCH_BATCH_NORM_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "training",
+    "momentum",
+    "eps",
+    "cudnn_enabled",
+)
+aten = torch.ops.aten
 _SIGNATURES: dict[Callable[..., Any], tuple[str, ...]] = {
     F.conv1d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
     F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
@@ -388,6 +436,43 @@ _SIGNATURES: dict[Callable[..., Any], tuple[str, ...]] = {
     F.conv_transpose3d: _CONVT_ARGS,
     F.linear: ("input", "weight", "bias"),
     F.pad: ("input", "pad", "mode", "value"),
+    # the same ops in aten IR (torch.export): one normalization layer for every dialect
+    aten.conv1d.default: _CONV_ARGS,
+    aten.conv2d.default: _CONV_ARGS,
+    aten.conv3d.default: _CONV_ARGS,
+    aten.conv1d.padding: _CONV_ARGS,
+    aten.conv2d.padding: _CONV_ARGS,
+    aten.conv3d.padding: _CONV_ARGS,
+    aten.conv_transpose1d.default: _CONVT_ARGS,
+    aten.conv_transpose2d.input: _CONVT_ARGS,
+    aten.conv_transpose3d.input: _CONVT_ARGS,
+    aten.convolution.default: (
+        "input",
+        "weight",
+        "bias",
+        "stride",
+        "padding",
+        "dilation",
+        "transposed",
+        "output_padding",
+        "groups",
+    ),
+    aten.linear.default: ("input", "weight", "bias"),
+    aten.pad.default: ("input", "pad", "mode", "value"),
+    aten.constant_pad_nd.default: ("input", "pad", "value"),
+    aten.slice.Tensor: ("input", "dim", "start", "end", "step"),
+    aten.batch_norm.default: _TORCH_BATCH_NORM_ARGS,
+    aten._native_batch_norm_legit_no_training.default: (
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "momentum",
+        "eps",
+    ),
+    aten.native_batch_norm.default: _TORCH_BATCH_NORM_ARGS[:-1],  # no cudnn_enabled
+    aten.dropout.default: ("input", "p", "train"),
     F.batch_norm: (
         "input",
         "running_mean",
@@ -398,17 +483,7 @@ _SIGNATURES: dict[Callable[..., Any], tuple[str, ...]] = {
         "momentum",
         "eps",
     ),
-    torch.batch_norm: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "training",
-        "momentum",
-        "eps",
-        "cudnn_enabled",
-    ),
+    torch.batch_norm: _TORCH_BATCH_NORM_ARGS,
 }
 _DEFAULTS: dict[str, Any] = {
     "bias": None,
@@ -423,6 +498,10 @@ _DEFAULTS: dict[str, Any] = {
     "eps": 1e-5,
     "mode": "constant",
     "value": None,
+    "dim": 0,
+    "start": None,
+    "end": None,
+    "step": 1,
     "cudnn_enabled": True,
 }
 
@@ -534,8 +613,26 @@ class ConvView:
 
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_CONVT_FUNCTIONS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+CONV_FUNCTIONS: dict[Any, int] = {
+    F.conv1d: 1,
+    F.conv2d: 2,
+    F.conv3d: 3,
+    aten.conv1d.default: 1,
+    aten.conv2d.default: 2,
+    aten.conv3d.default: 3,
+    aten.conv1d.padding: 1,
+    aten.conv2d.padding: 2,
+    aten.conv3d.padding: 3,
+}
+CONV_TRANSPOSE_FUNCTIONS: dict[Any, int] = {
+    F.conv_transpose1d: 1,
+    F.conv_transpose2d: 2,
+    F.conv_transpose3d: 3,
+    aten.conv_transpose1d.default: 1,
+    aten.conv_transpose2d.input: 2,
+    aten.conv_transpose3d.input: 3,
+}
+LINEAR_FUNCTIONS = {F.linear, aten.linear.default}
 
 
 def module_path_of(node: Node) -> str:
@@ -578,9 +675,27 @@ def as_conv(node: Node, consts: Constants) -> ConvView | None:
             barrier,
         )
     fn = node.target
-    if fn in _CONV_FUNCTIONS or fn in _CONVT_FUNCTIONS or fn is F.linear:
+    if fn is aten.convolution.default:
+        return _conv_from_aten_convolution(node, consts)
+    if fn in CONV_FUNCTIONS or fn in CONV_TRANSPOSE_FUNCTIONS or fn in LINEAR_FUNCTIONS:
         return _conv_from_function(node, fn, consts)
     return None
+
+
+def _conv_from_aten_convolution(node: Node, consts: Constants) -> ConvView | None:
+    """``aten.convolution`` is a conv or a transposed conv, by its ``transposed`` flag."""
+    args = bind_arguments(aten.convolution.default, node)
+    if args is None or not isinstance(args["transposed"], bool):
+        return None
+    n = len(args["stride"])
+    fn = (
+        {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+        if args["transposed"]
+        else {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+    ).get(n)
+    if fn is None:
+        return None
+    return _conv_from_function(node, fn, consts, args)
 
 
 def _float_weights(weight: Any, bias: Any) -> bool:
@@ -686,8 +801,12 @@ def _transposed_geometry(
         return None
 
 
-def _conv_from_function(node: Node, fn: Any, consts: Constants) -> ConvView | None:
-    args = bind_arguments(fn, node)
+def _conv_from_function(
+    node: Node, fn: Any, consts: Constants, args: dict[str, Any] | None = None
+) -> ConvView | None:
+    """A functional conv/linear; ``args`` already bound (by name) when ``fn`` only says how
+    to read them."""
+    args = args if args is not None else bind_arguments(fn, node)
     if args is None or not isinstance(args["input"], Node):
         return None
     weight = consts.tensor(args["weight"])
@@ -699,19 +818,20 @@ def _conv_from_function(node: Node, fn: Any, consts: Constants) -> ConvView | No
     sources = tuple(dict.fromkeys(module_path_of(n) for n in [node, *nodes]))
     grad = weight.requires_grad
     path = module_path_of(node)
-    name = f"{path}.{fn.__name__}" if path else fn.__name__
-    if fn is F.linear:
+    base = str(getattr(fn, "__name__", "conv")).split(".")[0]
+    name = f"{path}.{base}" if path else base
+    if fn in LINEAR_FUNCTIONS:
         return ConvView(
             node, args["input"], weight, bias, None, "linear", weight.dtype, sources, grad, name
         )
-    if fn in _CONVT_FUNCTIONS:
+    if fn in CONV_TRANSPOSE_FUNCTIONS:
         geo = _transposed_geometry(
             args["stride"],
             args["padding"],
             args["output_padding"],
             args["dilation"],
             args["groups"],
-            _CONVT_FUNCTIONS[fn],
+            CONV_TRANSPOSE_FUNCTIONS[fn],
         )
         if geo is None:
             return None
@@ -727,7 +847,7 @@ def _conv_from_function(node: Node, fn: Any, consts: Constants) -> ConvView | No
             grad,
             name,
         )
-    n = _CONV_FUNCTIONS[fn]
+    n = CONV_FUNCTIONS[fn]
     if not all(
         isinstance(args[k], (int, tuple, list, str)) for k in ("stride", "padding", "dilation")
     ):
@@ -781,6 +901,18 @@ _BN_NDIMS = {
 }
 
 
+_TUPLE_BATCH_NORMS = {
+    aten._native_batch_norm_legit_no_training.default,
+    aten.native_batch_norm.default,
+}
+BATCH_NORM_FUNCTIONS = {
+    F.batch_norm,
+    torch.batch_norm,
+    aten.batch_norm.default,
+    *_TUPLE_BATCH_NORMS,
+}
+
+
 def as_batch_norm(node: Node, consts: Constants) -> BatchNormView | None:
     """View ``node`` as a batch norm, or ``None``. Training-mode BNs are views too (so a rule
     can say why it declines them)."""
@@ -804,8 +936,20 @@ def as_batch_norm(node: Node, consts: Constants) -> BatchNormView | None:
             ndims,
             (str(node.target),),
         )
-    if node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
-        args = bind_arguments(node.target, node)
+    fn, value = node.target, node
+    if (
+        node.op == "call_function"
+        and fn is operator.getitem
+        and node.args[1] == 0
+        and isinstance(node.args[0], Node)
+        and node.args[0].target in _TUPLE_BATCH_NORMS
+    ):
+        node = node.args[0]  # aten's batch norms return (output, mean, invstd): view output
+        fn = node.target
+    elif fn in _TUPLE_BATCH_NORMS:
+        return None  # the tuple itself is not the normalized value; its [0] is
+    if node.op == "call_function" and fn in BATCH_NORM_FUNCTIONS:
+        args = bind_arguments(fn, node)
         if args is None or not isinstance(args["input"], Node):
             return None
         tensors = {}
@@ -814,13 +958,14 @@ def as_batch_norm(node: Node, consts: Constants) -> BatchNormView | None:
             tensors[name] = None if value is None else consts.tensor(value)
             if value is not None and tensors[name] is None:
                 return None  # a statistic computed at run time
-        batch_stats = bool(args["training"]) or tensors["running_mean"] is None
+        training = args.get("training", False)  # _native_batch_norm_legit_no_training: False
+        batch_stats = bool(training) or tensors["running_mean"] is None
         nodes = [a for a in args.values() if isinstance(a, Node) and a is not args["input"]]
         sources = tuple(dict.fromkeys(module_path_of(n) for n in [node, *nodes]))
-        if not isinstance(args["eps"], (int, float)) or not isinstance(args["training"], bool):
+        if not isinstance(args["eps"], (int, float)) or not isinstance(training, bool):
             return None
         return BatchNormView(
-            node,
+            value,
             args["input"],
             tensors["running_mean"],
             tensors["running_var"],
@@ -838,11 +983,11 @@ def as_batch_norm(node: Node, consts: Constants) -> BatchNormView | None:
 # Linear combinations: sums, differences and constant scales
 # --------------------------------------------------------------------------------------------
 
-_ADD = {operator.add, operator.iadd, torch.add}
-_SUB = {operator.sub, operator.isub, torch.sub}
-_MUL = {operator.mul, operator.imul, torch.mul}
-_DIV = {operator.truediv, operator.itruediv, torch.div}
-_NEG = {operator.neg, torch.neg}
+_ADD = {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add.Scalar}
+_SUB = {operator.sub, operator.isub, torch.sub, aten.sub.Tensor, aten.sub.Scalar}
+_MUL = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, aten.mul.Scalar}
+_DIV = {operator.truediv, operator.itruediv, torch.div, aten.div.Tensor, aten.div.Scalar}
+_NEG = {operator.neg, torch.neg, aten.neg.default}
 _METHODS = {
     "add": torch.add,
     "sub": torch.sub,
@@ -997,6 +1142,7 @@ def _flatten(
 
 _METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
 _METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel"})
+_ATEN_METADATA = frozenset({aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int})
 
 
 def reads_metadata_only(user: Node, of: Node) -> bool:
@@ -1007,6 +1153,8 @@ def reads_metadata_only(user: Node, of: Node) -> bool:
     """
     if user.op == "call_function" and user.target is getattr:
         return len(user.args) == 2 and user.args[0] is of and user.args[1] in _METADATA_ATTRIBUTES
+    if user.op == "call_function" and user.target in _ATEN_METADATA:
+        return bool(user.args) and user.args[0] is of and of not in user.args[1:]
     if user.op == "call_method" and user.target in _METADATA_METHODS:
         args = [*user.args[1:], *user.kwargs.values()]
         return bool(user.args) and user.args[0] is of and of not in args

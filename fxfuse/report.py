@@ -7,14 +7,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from fxfuse.ops import FusedLayer, fused_layer
+from fxfuse.ops import (
+    BATCH_NORM_FUNCTIONS,
+    CONV_FUNCTIONS,
+    CONV_TRANSPOSE_FUNCTIONS,
+    LINEAR_FUNCTIONS,
+    FusedLayer,
+    aten,
+    fused_layer,
+)
 
 __all__ = ["Decline", "FusionReport", "GraphStats", "Rewrite", "graph_stats", "op_kind"]
 
@@ -48,33 +54,8 @@ class GraphStats:
     nodes: int
 
 
-_CONV_FNS = {
-    F.conv1d,
-    F.conv2d,
-    F.conv3d,
-    F.conv_transpose1d,
-    F.conv_transpose2d,
-    F.conv_transpose3d,
-}
-_BN_FNS = {F.batch_norm, torch.batch_norm}
-
-
-def _aten(name: str) -> set[Any]:
-    ops = set()
-    for overload in ("default",):
-        packet = getattr(torch.ops.aten, name, None)
-        if packet is not None and hasattr(packet, overload):
-            ops.add(getattr(packet, overload))
-    return ops
-
-
-_ATEN_CONV = _aten("convolution") | _aten("conv2d") | _aten("conv1d") | _aten("conv3d")
-_ATEN_BN = (
-    _aten("_native_batch_norm_legit_no_training")
-    | _aten("batch_norm")
-    | _aten("native_batch_norm")
-    | _aten("_native_batch_norm_legit")
-)
+_CONV_TARGETS = frozenset({*CONV_FUNCTIONS, *CONV_TRANSPOSE_FUNCTIONS, aten.convolution.default})
+_BN_TARGETS = frozenset({*BATCH_NORM_FUNCTIONS, aten._native_batch_norm_legit.default})
 
 
 def op_kind(node: Node, module: Callable[[str], nn.Module]) -> str | None:
@@ -96,11 +77,11 @@ def op_kind(node: Node, module: Callable[[str], nn.Module]) -> str | None:
         layer = node.args[1]
         assert isinstance(layer, FusedLayer)
         return "linear" if layer.kind == "linear" else "conv"
-    if node.target in _CONV_FNS or node.target in _ATEN_CONV:
+    if node.target in _CONV_TARGETS:
         return "conv"
-    if node.target in _BN_FNS or node.target in _ATEN_BN:
+    if node.target in _BN_TARGETS:
         return "bn"
-    if node.target is F.linear:
+    if node.target in LINEAR_FUNCTIONS:
         return "linear"
     return None
 

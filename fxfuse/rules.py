@@ -106,6 +106,8 @@ class Rule(ABC, Generic[MatchT]):
 
     name: ClassVar[str] = ""
     formula: ClassVar[str] = ""
+    #: the node kinds a match can be anchored at (the driver skips the others)
+    ops: ClassVar[frozenset[str]] = frozenset({"call_function", "call_method", "call_module"})
 
     @abstractmethod
     def matches(self, node: Node, ctx: RewriteContext) -> Iterable[MatchT]:
@@ -173,11 +175,18 @@ class RuleSet:
         )
 
     def run(self, ctx: RewriteContext) -> None:
-        """Rewrite ``ctx.graph`` until no rule fires (bounded)."""
+        """Rewrite ``ctx.graph`` until no rule fires (bounded).
+
+        Every stage has a worklist that starts with every node; a rewrite queues what it
+        touched (the new node, its users and the sums above them, the users of what died) for
+        every stage, and stages run in turn until all worklists are empty.
+        """
         budget = 4 * len(ctx.graph.nodes) + 64
+        ctx._begin(len(self.stages), ctx.graph.nodes)
         for _ in range(ctx.options.max_rounds):
-            fired = sum(_run_stage(stage, ctx, budget) for stage in self.stages)
-            if not fired:
+            for index, stage in enumerate(self.stages):
+                _run_stage(stage, index, ctx, budget)
+            if ctx._settled():
                 return
         raise ConvergenceError(
             f"rules still firing after {ctx.options.max_rounds} rounds "
@@ -185,20 +194,18 @@ class RuleSet:
         )
 
 
-def _run_stage(stage: Stage, ctx: RewriteContext, budget: int) -> int:
-    fired = 0
-    ctx._begin(ctx.graph.nodes)
-    while (node := ctx._next()) is not None:
+def _run_stage(stage: Stage, index: int, ctx: RewriteContext, budget: int) -> None:
+    while (node := ctx._next(index)) is not None:
         for rule in stage.rules:
+            if node.op not in rule.ops:
+                continue
             if _try_rule(rule, node, ctx):
-                fired += 1
                 if len(ctx.rewrites) > budget:
                     raise ConvergenceError(
                         f"more than {budget} rewrites on a graph of {len(ctx.graph.nodes)} "
                         f"nodes; rule {rule.name!r} keeps firing (last at {node.name})"
                     )
                 break
-    return fired
 
 
 SHAPE_CYCLE = "the rewritten value would depend on the shape of a node it removes"
@@ -301,8 +308,8 @@ class RewriteContext:
         self._declines: dict[tuple[str, Node], tuple[str, bool]] = {}
         self._declining_rules: set[str] = set()
         self._modules: dict[str, nn.Module] = dict(root.named_modules())
-        self._queue: deque[Node] = deque()
-        self._queued: set[Node] = set()
+        self._queues: list[deque[Node]] = []
+        self._queued: list[set[Node]] = []
         self.validator: RewriteValidator | None = (
             RewriteValidator(self) if self.options.validate_rewrites else None
         )
@@ -481,10 +488,14 @@ class RewriteContext:
         return not node.is_impure()
 
     def _erase_dead(self, node: Node) -> None:
+        """Erase ``node`` (a replaced root: a rule vouched for replacing it, even if torch
+        calls it impure, like an eval-mode ``aten.dropout``) and what only it used."""
         stack = [node]
         while stack:
             n = stack.pop()
-            if getattr(n, "_erased", False) or not self._erasable(n):
+            if getattr(n, "_erased", False) or n.users:
+                continue
+            if not (n is node and n.op not in ("placeholder", "output")) and not self._removable(n):
                 continue
             inputs = n.all_input_nodes
             self.graph.erase_node(n)
@@ -499,22 +510,30 @@ class RewriteContext:
 
     # -- worklist ----------------------------------------------------------------------------
 
-    def _begin(self, nodes: Iterable[Node]) -> None:
-        self._queue = deque(nodes)
-        self._queued = set(self._queue)
+    def _begin(self, stages: int, nodes: Iterable[Node]) -> None:
+        order = list(nodes)
+        self._queues = [deque(order) for _ in range(stages)]
+        self._queued = [set(order) for _ in range(stages)]
 
-    def _next(self) -> Node | None:
-        while self._queue:
-            node = self._queue.popleft()
-            self._queued.discard(node)
+    def _settled(self) -> bool:
+        return not any(self._queues)
+
+    def _next(self, stage: int) -> Node | None:
+        queue, queued = self._queues[stage], self._queued[stage]
+        while queue:
+            node = queue.popleft()
+            queued.discard(node)
             if not getattr(node, "_erased", False):
                 return node
         return None
 
     def _push(self, node: Node) -> None:
-        if node not in self._queued and not getattr(node, "_erased", False):
-            self._queue.append(node)
-            self._queued.add(node)
+        if getattr(node, "_erased", False):
+            return
+        for queue, queued in zip(self._queues, self._queued, strict=True):
+            if node not in queued:
+                queue.append(node)
+                queued.add(node)
 
     def _push_upwards(self, node: Node) -> None:
         """Queue ``node`` and the single-use chain above it (the roots of sums it is in)."""

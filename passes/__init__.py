@@ -1,6 +1,7 @@
 """fxfuse's rules, one family per module, and the default rule set.
 
 - :mod:`.cleanup`: ``identity(x) -> x``, ``dropout(x, training=False) -> x``
+- :mod:`.constants`: ``f(c₁, c₂, …) -> c`` (weights computed at run time, e.g. frozen BN)
 - :mod:`.fold_bn`: ``bn(conv(x)) -> conv'(x)``; ``bn(Σ cᵢ·convᵢ(xᵢ)) -> Σ convᵢ'(xᵢ)``
 - :mod:`.merge_branches`: ``conv_a(x) + conv_b(x) + x -> conv'(x)`` (pad-and-add)
 - :mod:`.identity`: the identity and ``BN(x)`` branches as kernels, used by the merge
@@ -13,6 +14,7 @@ from __future__ import annotations
 from fxfuse.rules import RuleSet, Stage
 
 from .cleanup import DropDropout, DropIdentity
+from .constants import FoldConstants
 from .fold_bn import DistributeBatchNorm, FoldBatchNorm
 from .merge_branches import MergeBranches
 
@@ -21,6 +23,7 @@ __all__ = [
     "DropDropout",
     "DropIdentity",
     "FoldBatchNorm",
+    "FoldConstants",
     "MergeBranches",
     "default_rules",
 ]
@@ -35,7 +38,7 @@ def default_rules() -> RuleSet:
     """
     return RuleSet(
         [
-            Stage("cleanup", (DropIdentity(), DropDropout())),
+            Stage("cleanup", (DropIdentity(), DropDropout(), FoldConstants())),
             Stage("fuse", (FoldBatchNorm(), MergeBranches(), DistributeBatchNorm())),
         ]
     )

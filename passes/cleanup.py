@@ -17,7 +17,7 @@ from torch import nn
 from torch.fx import Node
 from torch.nn.modules.dropout import _DropoutNd
 
-from fxfuse.ops import bind_arguments, inherits_forward
+from fxfuse.ops import aten, bind_arguments, inherits_forward
 from fxfuse.rules import Match, RewriteContext, Rule
 
 __all__ = ["DropDropout", "DropIdentity"]
@@ -48,6 +48,7 @@ class DropIdentity(Rule[PassThrough]):
 
 
 _DROPOUT_FUNCTIONS = {
+    aten.dropout.default,
     F.dropout,
     F.dropout1d,
     F.dropout2d,
@@ -74,7 +75,8 @@ class DropDropout(Rule[PassThrough]):
             args = bind_arguments(node.target, node)
             if args is None or not isinstance(args["input"], Node):
                 return
-            training, p = args.get("training", True), args.get("p", 0.5)
+            training = args.get("training", args.get("train", True))
+            p = args.get("p", 0.5)
             if isinstance(training, bool) and isinstance(p, (int, float)):
                 yield PassThrough(node, input=args["input"], training=training, p=float(p))
 

@@ -16,6 +16,7 @@ import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from torch import Tensor
 from torch.fx import Node
 
 from fxfuse.kernels import batch_norm_affine, scale_output_channels
@@ -59,6 +60,25 @@ def describe_producer(node: Node, ctx: RewriteContext) -> str:
     if node.op == "call_function":
         return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
     return f"{node.name} ({node.op} {node.target})"
+
+
+def scaled_layer(
+    ctx: RewriteContext, layer: ConvView, scale: Tensor, shift: Tensor | None, bn: BatchNormView
+) -> Node:
+    """A new layer computing ``scale · layer(x) + shift`` (``bn``'s affine, folded)."""
+    weight, bias = scale_output_channels(
+        layer.weight, layer.bias, scale, shift, transposed=layer.transposed, groups=layer.groups
+    )
+    return ctx.fused(
+        layer.input,
+        kind=layer.kind,
+        weight=weight,
+        bias=bias,
+        geometry=layer.geometry,
+        like=layer,
+        sources=layer.sources + bn.sources,
+        name=layer.name,
+    )
 
 
 class FoldBatchNorm(Rule[LayerBatchNorm]):
@@ -110,19 +130,7 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
         scale, shift = batch_norm_affine(
             bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
         )
-        weight, bias = scale_output_channels(
-            layer.weight, layer.bias, scale, shift, transposed=layer.transposed, groups=layer.groups
-        )
-        return ctx.fused(
-            layer.input,
-            kind=layer.kind,
-            weight=weight,
-            bias=bias,
-            geometry=layer.geometry,
-            like=layer,
-            sources=layer.sources + bn.sources,
-            name=layer.name,
-        )
+        return scaled_layer(ctx, layer, scale, shift, bn)
 
     def describe(self, match: LayerBatchNorm) -> str:
         layer = match.layer.describe() if match.layer is not None else "?"
@@ -201,23 +209,8 @@ class DistributeBatchNorm(Rule[BatchNormOfSum]):
             assert layer is not None
             vector = channel_vector(coefficient, channels, layer.ndim)
             assert vector is not None
-            weight, bias = scale_output_channels(
-                layer.weight,
-                layer.bias,
-                scale * vector.to(scale.device),
-                shift if total is None else None,
-                transposed=layer.transposed,
-                groups=layer.groups,
-            )
-            node = ctx.fused(
-                layer.input,
-                kind=layer.kind,
-                weight=weight,
-                bias=bias,
-                geometry=layer.geometry,
-                like=layer,
-                sources=layer.sources + bn.sources,
-                name=layer.name,
+            node = scaled_layer(
+                ctx, layer, scale * vector.to(scale.device), shift if total is None else None, bn
             )
             total = node if total is None else ctx.call(operator.add, total, node)
         assert total is not None

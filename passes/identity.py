@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 from torch.fx import Node
 
-from fxfuse.kernels import batch_norm_affine, diagonal_kernel
+from fxfuse.kernels import batch_norm_affine
 from fxfuse.rules import RewriteContext
 
-__all__ = ["Diagonal", "as_diagonal", "diagonal_as_kernel", "identity"]
+__all__ = ["Diagonal", "as_diagonal", "diagonal_terms", "identity"]
 
 RULE_NAME = "identity-to-kernel"
 
@@ -53,16 +53,12 @@ def as_diagonal(node: Node, ctx: RewriteContext) -> tuple[Node, Diagonal] | None
     return bn.input, Diagonal("batch norm", scale, shift, bn.sources)
 
 
-def diagonal_as_kernel(
-    diagonal: Diagonal, coefficient: Tensor, channels: int, groups: int, ndim: int
-) -> tuple[Tensor, Tensor]:
-    """``coefficient · diagonal`` as a ``1×…×1`` conv kernel with ``groups`` and its bias.
-
-    ``coefficient`` is a float64 vector of length ``channels``.
-    """
+def diagonal_terms(diagonal: Diagonal, coefficient: Tensor) -> tuple[Tensor, Tensor]:
+    """``coefficient · diagonal`` as the per-channel ``(scale, shift)`` its kernel holds:
+    ``W[c, c mod (C/g), centre] = scale[c]`` and bias ``shift`` (see
+    :func:`fxfuse.kernels.add_diagonal`). ``coefficient`` is a float64 vector."""
     scale = coefficient if diagonal.scale is None else coefficient * diagonal.scale
-    kernel = diagonal_kernel(scale, channels, groups, (1,) * ndim, (0,) * ndim)
     shift = (
         torch.zeros_like(coefficient) if diagonal.shift is None else coefficient * diagonal.shift
     )
-    return kernel, shift
+    return scale, shift

@@ -32,7 +32,8 @@ from torch.fx import Node
 from fxfuse.kernels import (
     MergedWindow,
     Window,
-    add_placed_kernel,
+    add_diagonal,
+    add_placed,
     align_windows,
     exact,
     expand_groups,
@@ -49,7 +50,7 @@ from fxfuse.rules import Match, RewriteContext, Rule
 
 from .fold_bn import other_users, uses_batch_stats_reason
 from .identity import RULE_NAME as IDENTITY_RULE
-from .identity import Diagonal, as_diagonal, diagonal_as_kernel, identity
+from .identity import Diagonal, as_diagonal, diagonal_terms, identity
 
 __all__ = ["BranchGroup", "MergeBranches", "Term"]
 
@@ -248,20 +249,19 @@ class MergeBranches(Rule[BranchGroup]):
             offsets = [w.offsets[i] for w in plan.windows]
             if term.conv is not None:
                 conv = term.conv
-                kernel = expand_groups(
-                    exact(conv.weight), conv.in_channels, conv.groups, plan.groups
-                )
+                kernel = conv.weight
+                if conv.groups != plan.groups:
+                    kernel = expand_groups(
+                        exact(kernel), conv.in_channels, conv.groups, plan.groups
+                    )
                 steps = [w.steps[i] for w in plan.windows]
-                scaled = kernel * coefficient.reshape(-1, *[1] * (weight.dim() - 1))
-                add_placed_kernel(weight, scaled, offsets, steps)
+                add_placed(weight, kernel, offsets, steps, coefficient)
                 if conv.bias is not None:
                     bias += coefficient * exact(conv.bias)
             else:
                 assert term.diagonal is not None
-                kernel, shift = diagonal_as_kernel(
-                    term.diagonal, coefficient, channels, plan.groups, ndim
-                )
-                add_placed_kernel(weight, kernel, offsets, [1] * ndim)
+                scale, shift = diagonal_terms(term.diagonal, coefficient)
+                add_diagonal(weight, scale, plan.groups, offsets)
                 bias += shift.to(weight.device)
                 ctx.count(IDENTITY_RULE)
         for c, operand in group.constants:

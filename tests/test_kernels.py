@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fxfuse.kernels import (
     Window,
-    add_placed_kernel,
+    add_placed,
     align_windows,
     batch_norm_affine,
     diagonal_kernel,
@@ -164,13 +164,15 @@ def test_place_kernel_merges_aligned_branches(
     assert relative_error(total, out) < 1e-12
 
 
-def test_add_placed_kernel_is_adding_the_placed_kernel() -> None:
+def test_add_placed_is_adding_the_scaled_placed_kernel() -> None:
     target = torch.randn(4, 2, 7, 5, dtype=f64)
     weight = torch.randn(4, 2, 3, 2, dtype=f64)
+    scale = torch.randn(4, dtype=f64)
     offsets, steps = [1, 0], [2, 3]
-    expected = target + place_kernel(weight, [7, 5], offsets, steps)
-    add_placed_kernel(target, weight, offsets, steps)
-    assert torch.equal(target, expected)
+    placed = place_kernel(weight, [7, 5], offsets, steps)
+    expected = target + placed * scale.reshape(-1, 1, 1, 1)
+    add_placed(target, weight, offsets, steps, scale)
+    assert torch.allclose(target, expected, rtol=0, atol=1e-15)
 
 
 def _pad1d(x: torch.Tensor, left: int, right: int) -> torch.Tensor:

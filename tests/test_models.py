@@ -276,3 +276,41 @@ def test_saved_program_loads_without_the_model_source(tmp_path: Path) -> None:
                     str(tmp_path / "y.pt")], check=True, cwd=tmp_path, timeout=300)
     with torch.no_grad():  # another process may sum in another order (thread count)
         assert relative_error(fused(x), torch.load(tmp_path / "y.pt")) <= 1e-6
+
+
+def test_frozen_batch_norm_resnet_folds_completely() -> None:
+    # torchvision's detection backbones use FrozenBatchNorm2d: x * scale + bias with scale
+    # and bias computed from buffers on every call.
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    fused = _check(model, x)
+    ops = count_ops(fused, x)
+    assert ops["conv"] == 20 and ops["mul"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_detection_backbones(name: str) -> None:
+    # the whole detectors branch on data (torch.compile(backend="fxfuse") handles those);
+    # their backbones trace and fuse
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+
+    class Features(nn.Module):  # the backbone's dict of feature maps, as a tuple
+        def __init__(self, backbone: nn.Module) -> None:
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(self.backbone(x).values())
+
+    _check(Features(model.backbone), torch.randn(1, 3, 128, 128))

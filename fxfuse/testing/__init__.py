@@ -61,59 +61,53 @@ def count_ops(model: Callable[..., Any], *inputs: Any) -> Counter[str]:
     return counter.counts
 
 
-def count_ops_profiled(model: Callable[..., Any], *inputs: Any) -> Counter[str] | None:
-    """Like :func:`count_ops`, but seen by ``torch.profiler``, so it also counts inside
-    ``torch.compile``d code (DESIGN.md, trap 10).
+def count_ops_profiled(model: Callable[..., Any], *inputs: Any) -> Counter[str]:
+    """Like :func:`count_ops` (op names keyed ``"aten::…"``), but with ``torch.profiler``,
+    which sees inside compiled code.
 
-    Counts the outermost profiler events whose name has ``conv`` (``counts["conv"]``) or
-    ``batch_norm`` (``counts["batch_norm"]``): ``aten::conv2d`` calls ``aten::convolution``,
-    which is one convolution, not two. TorchScript's frozen mkldnn convolutions record no
-    profiler event; for a ``torch.jit.ScriptModule`` the nodes of its graph are counted
-    instead. Returns ``None`` when the profiler is unavailable.
+    Under ``torch.compile`` a dispatch mode makes the compiled function fall back to eager,
+    so :func:`count_ops` would count the unfused model (DESIGN trap 10); the profiler records
+    the operators that really run: ``aten::…`` and the ``mkldnn::…`` convolutions Inductor's
+    CPU freezing uses. A kernel Inductor generated is not an operator, even where its name
+    says what it fused (``triton_poi_fused__native_batch_norm_legit_…_relu`` is one kernel,
+    not a batch norm). ``counts["conv"]``/``counts["batch_norm"]`` count the outermost
+    event of each kind (``aten::conv2d`` → ``aten::convolution`` → … is one convolution).
+
+    TorchScript's frozen mkldnn convolutions record no profiler event; for a
+    ``torch.jit.ScriptModule`` the nodes of its (inlined) graph are counted instead.
     """
     if isinstance(model, torch.jit.ScriptModule):
         return _count_script_nodes(model)
-    try:
-        with (
-            torch.no_grad(),
-            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
-        ):
-            model(*inputs)
-    except RuntimeError:
-        return None
     counts: Counter[str] = Counter()
-    for event in prof.events():
-        category = _event_category(event.name)
+    with (
+        torch.no_grad(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
+    ):
+        model(*inputs)
+    for event in profile.events():
+        if not event.name.startswith(("aten::", "mkldnn::")):
+            continue
+        counts[event.name] += 1  # keyed "aten::name": "batch_norm" is a category here
+        category = _category(event.name)
         if category is None:
             continue
         parent = event.cpu_parent
-        while parent is not None and _event_category(parent.name) != category:
+        while parent is not None and _category(parent.name) != category:
             parent = parent.cpu_parent
         if parent is None:
             counts[category] += 1
     return counts
 
 
-def _event_category(name: str) -> str | None:
-    """Operator events only (``aten::…``, ``mkldnn::…``): a kernel Inductor generated is named
-    after the ops it fused (``triton_poi_fused__native_batch_norm_legit_…_relu``), and is
-    one kernel, not a batch norm."""
-    lowered = name.lower()
-    if "::" not in lowered:
-        return None
-    if "conv" in lowered:
-        return "conv"
-    if "batch_norm" in lowered:
-        return "batch_norm"
-    return None
-
-
 def _count_script_nodes(module: torch.jit.ScriptModule) -> Counter[str]:
     counts: Counter[str] = Counter()
-    for node in module.graph.nodes():  # frozen graphs are inlined: no submodule calls left
-        category = _event_category(node.kind())
-        if category is not None:
-            counts[category] += 1
+    for node in module.graph.nodes():
+        kind = node.kind()  # aten::conv2d, prim::mkldnn_convolution, aten::batch_norm, …
+        counts[kind] += 1
+        if "conv" in kind:
+            counts["conv"] += 1
+        elif "batch_norm" in kind:
+            counts["batch_norm"] += 1
     return counts
 
 
