@@ -16,6 +16,8 @@ original and prints what changed: the README's main job. Errors are one line and
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import sys
@@ -122,8 +124,21 @@ def _flops(value: int) -> str:
     return str(value)
 
 
-def _fuse(model: nn.Module, x: Tensor) -> GraphModule:
-    return fxfuse.optimize(model, example_inputs=(x,))
+def _fuse(model: nn.Module, x: Tensor | None, debug: bool) -> GraphModule:
+    """``fxfuse.optimize``, with what torch prints to stderr held back until it succeeds.
+
+    When symbolic tracing fails and the ``torch.export`` fallback fails too, torch prints the
+    partial graph it had before raising; fxfuse's error already says where and what to try,
+    so that dump is shown with ``--debug`` only.
+    """
+    example = None if x is None else (x,)
+    if debug:
+        return fxfuse.optimize(model, example_inputs=example)
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        fused = fxfuse.optimize(model, example_inputs=example)
+    sys.stderr.write(held.getvalue())  # warnings of a run that worked still reach the user
+    return fused
 
 
 # -- fxfuse optimize ---------------------------------------------------------------------------
@@ -138,7 +153,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     randomized = loaded.random_weights or args.randomize_bn
     print(f"fxfuse optimize {_describe(loaded, shape, randomized)}")
     _first_input_error(model, inputs[0])
-    fused = _fuse(model, inputs[0])
+    fused = _fuse(model, inputs[0], args.debug)
     print(fused.fxfuse_report)
 
     with torch.no_grad():
@@ -264,7 +279,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     model = loaded.model
     print(f"fxfuse inspect {loaded.spec}")
     original = symbolic_capture(model)
-    fused = fxfuse.optimize(model)
+    fused = _fuse(model, None, args.debug)
     report = fused.fxfuse_report
     convs = _conv_counts(model)
     where = {node.name: _block_of(node, convs) for node in original.nodes}
@@ -452,6 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s"
     )
+    if not args.debug:
+        # torch logs its own view of a failed capture (graph dumps, guard warnings) when the
+        # torch.export fallback gives up; fxfuse's error says what matters, in one place
+        logging.getLogger("torch").setLevel(logging.ERROR)
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
