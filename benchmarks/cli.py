@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import latency, memory, plots, profile, scaling
+from benchmarks import latency, markdown, memory, plots, profile, scaling
 from benchmarks.common import OUT, cold_compiles, load_results, machine, save_section
 from fxfuse.bench import VARIANTS
 
@@ -69,6 +69,10 @@ def run_profile(args: argparse.Namespace) -> None:
         save_section(args.json, f"profile_{blocks}", profile.run(blocks))
 
 
+def run_markdown(args: argparse.Namespace) -> None:
+    print(markdown.render(load_results(args.json)))
+
+
 def run_plot(args: argparse.Namespace) -> None:
     path = plots.plot(load_results(args.json), args.png)
     print(f"wrote {path}" if path else "nothing to plot (or matplotlib is not installed)")
@@ -89,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="all",
-        choices=["all", "latency", "scaling", "memory", "profile", "plot"],
+        choices=["all", "latency", "scaling", "memory", "profile", "plot", "markdown"],
     )
     parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
     parser.add_argument("--models", nargs="+", metavar="SPEC", help="model specs to measure")
@@ -131,8 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scaling": run_scaling,
         "memory": run_memory,
         "profile": run_profile,
+        "markdown": lambda a: None,
         "plot": lambda a: None,
     }
+    if args.command == "markdown":
+        run_markdown(args)
+        return 0
     steps[args.command](args)
     run_plot(args)
     print(f"results in {args.json} ({time.perf_counter() - start:.0f} s)")
