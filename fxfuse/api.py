@@ -16,6 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxfuse.capture import export_capture, symbolic_capture
 from fxfuse.emit import emit
 from fxfuse.errors import CaptureError, TrainingModeError, VerificationError
+from fxfuse.ops import has_hooks
 from fxfuse.report import FusionReport, graph_stats
 from fxfuse.rules import FusionOptions, RewriteContext, Rule, RuleSet
 from fxfuse.verify import buffers_restored
@@ -34,7 +35,7 @@ def _rule_set(rules: RuleSet | Iterable[Rule[Any]] | None) -> RuleSet:
 
 
 def _left_alone(graph: Graph, ctx: RewriteContext) -> list[str]:
-    """Notes on modules fxfuse does not touch: quantized ones."""
+    """Notes on modules fxfuse does not touch: quantized ones, hooked ones."""
     notes = []
     for node in graph.nodes:
         if node.op != "call_module":
@@ -42,6 +43,11 @@ def _left_alone(graph: Graph, ctx: RewriteContext) -> list[str]:
         module = ctx.module(str(node.target))
         if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
             notes.append(f"{node.target} ({type(module).__name__}) is quantized: left alone")
+        elif has_hooks(module):
+            notes.append(
+                f"{node.target} ({type(module).__name__}) runs forward hooks, which "
+                "may change what it computes: left alone"
+            )
     return notes
 
 
@@ -228,7 +234,7 @@ def fuse_graph(
 
     start = time.perf_counter()
     declines = ctx.declines()
-    fused = emit(graph, ctx.attribute, ctx.attributes, class_name=class_name)
+    fused = emit(graph, ctx.attribute, ctx.attributes, class_name=class_name, notes=report.notes)
     report.timings["emit"] = time.perf_counter() - start
 
     report.after = graph_stats(

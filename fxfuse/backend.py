@@ -6,7 +6,10 @@ trap 3): a second instance of the same class reuses the compiled code with its o
 and an in-place update changes the weights under it. So the weights fxfuse folds are never
 baked blindly: each call looks at the identity and version (``_version``) of the weight
 inputs, and a call whose weights are not the ones a fused graph was built from gets its own
-fusion (kept in a small cache, so alternating instances do not refuse every call).
+fusion (kept in a small cache, so alternating instances do not refuse every call). Updates
+that bypass PyTorch's version counter — ``p.data.mul_(…)``, or in-place changes to inference
+tensors — are not seen: update weights in place under ``torch.no_grad()`` (``p.mul_(…)``,
+``p.copy_(…)``, ``load_state_dict``), or call ``torch._dynamo.reset()`` after such an update.
 
 Options (``torch.compile(..., options={...})``):
 
@@ -83,12 +86,17 @@ def _warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
-def _is_weight(value: Any) -> bool:
-    """A graph input dynamo lifted from a module's parameters or buffers."""
-    return isinstance(value, Tensor) and (
-        isinstance(value, torch.nn.Parameter)
-        or getattr(value, "_dynamo_static_input_type", None) is not None
-    )
+def _is_weight(node: Node, value: Any) -> bool:
+    """A graph input dynamo lifted from a module's state: parameters and buffers, and (under
+    ``dynamic=True``) float attributes like a batch norm's ``eps``, lifted as 0-d tensors."""
+    if not isinstance(value, Tensor):
+        return False
+    if isinstance(value, torch.nn.Parameter):
+        return True
+    if getattr(value, "_dynamo_static_input_type", None) is not None:
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return value.dim() == 0 and type(source).__name__ == "AttrSource"
 
 
 def _inner_compiler(inner: str | Callable[..., Any]) -> Callable[..., Any]:
@@ -101,18 +109,30 @@ def _inner_compiler(inner: str | Callable[..., Any]) -> Callable[..., Any]:
     return lookup_backend(inner)
 
 
+def _state(weight: Tensor) -> tuple[int, int, int | None]:
+    """Where a weight's values live and how often they were changed in place.
+
+    ``_version`` counts in-place updates made through the tensor (``p.mul_(…)``,
+    ``load_state_dict``); the storage address catches ``p.data = other``. An update through
+    ``p.data.mul_(…)`` changes neither (it bypasses autograd's counter), nor does any update of
+    an inference tensor (which has no counter).
+    """
+    version = None if torch.is_inference(weight) else weight._version
+    return weight.data_ptr(), weight.storage_offset(), version
+
+
 class _Fused:
     """A graph fused for one set of weights, compiled by the inner backend."""
 
     def __init__(self, weights: Sequence[Tensor], run: Callable[..., Any]):
         self.refs = [weakref.ref(w) for w in weights]
-        self.versions = [w._version for w in weights]
+        self.states = [_state(w) for w in weights]
         self.run = run
 
     def matches(self, weights: Sequence[Tensor]) -> bool:
         return all(
-            ref() is w and w._version == v
-            for ref, v, w in zip(self.refs, self.versions, weights, strict=True)
+            ref() is w and _state(w) == state
+            for ref, state, w in zip(self.refs, self.states, weights, strict=True)
         )
 
 
@@ -123,7 +143,11 @@ class FusingCallable:
         self.gm = gm
         self.options = options
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.weight_indices = [i for i, v in enumerate(example_inputs) if _is_weight(v)]
+        self.weight_indices = [
+            i
+            for i, (node, value) in enumerate(zip(self.placeholders, example_inputs, strict=False))
+            if _is_weight(node, value)
+        ]
         self.cache: OrderedDict[int, _Fused] = OrderedDict()
         self.inner = _inner_compiler(options.inner)
         self._unfused: Callable[..., Any] | None = None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
 
-from fxfuse.ops import FusedLayer, fused_layer
+from fxfuse.ops import FusedLayer, fused_layer, mutates
 
 __all__ = ["build_module", "emit"]
 
@@ -157,20 +157,38 @@ def _drop_dead_pure_nodes(graph: Graph) -> None:
     for node in reversed(list(graph.nodes)):
         if node.users or node.op not in ("get_attr", "call_function", "call_method"):
             continue
-        if node.op == "call_method" and str(node.target).endswith("_"):
+        if mutates(node):
             continue
         if not node.is_impure():
             graph.erase_node(node)
 
 
+def _copy(value: Any, memo: dict[int, Any], target: str, notes: list[str] | None) -> Any:
+    try:
+        return copy.deepcopy(value, memo)
+    except RuntimeError as error:  # e.g. torch.nn.utils.weight_norm's computed weight
+        if notes is not None:
+            notes.append(
+                f"{target} ({type(value).__name__}) cannot be copied ("
+                f"{str(error).splitlines()[0][:80]}…): the result shares it with your "
+                "model"
+            )
+        return value
+
+
 def emit(
-    graph: Graph, resolve: Callable[[str], Any], created: dict[str, Any], class_name: str
+    graph: Graph,
+    resolve: Callable[[str], Any],
+    created: dict[str, Any],
+    class_name: str,
+    notes: list[str] | None = None,
 ) -> GraphModule:
     """The rewritten ``graph`` as a fresh, self-contained, eval-mode ``GraphModule``.
 
     ``resolve`` looks up a target in the caller's model; ``created`` holds what fxfuse added
     (by target). Everything the caller's model would share with the result is deep-copied,
-    with one memo so weight tying survives.
+    with one memo so weight tying survives; what cannot be copied (a module with the legacy
+    ``weight_norm`` hook) is shared, and said so in ``notes``.
     """
     # new call_module targets are checked against a graph's owning module; the result owns it
     graph.owning_module = None
@@ -186,8 +204,9 @@ def emit(
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in attributes:
             target = str(node.target)
-            value = owned[target] if target in owned else copy.deepcopy(resolve(target), memo)
-            attributes[target] = value
+            attributes[target] = (
+                owned[target] if target in owned else _copy(resolve(target), memo, target, notes)
+            )
     fused = GraphModule(attributes, graph, class_name=class_name)
     # Eval mode for what fxfuse made (the root, containers, fused layers); a copied layer of
     # the caller's keeps its own mode: a batch norm left in training mode must stay so.

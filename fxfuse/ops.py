@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Node
+from torch.nn.modules import module as _module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.padding import (
@@ -62,6 +63,7 @@ __all__ = [
     "fused_layer",
     "inherits_forward",
     "module_path_of",
+    "mutates",
     "peel_padding",
     "reads_metadata_only",
     "value_users",
@@ -76,6 +78,8 @@ class Constants(Protocol):
     def tensor(self, arg: Any) -> Tensor | None: ...
 
     def module(self, target: str) -> nn.Module: ...
+
+    def shape(self, node: Node) -> torch.Size | None: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,8 +120,12 @@ class ConvGeometry:
 
 
 def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
+    """An int or a sequence of ints as ``n`` ints; ``TypeError`` for anything computed at run
+    time (a node among them)."""
+    if _is_int(value):
+        return (int(value),) * n
+    if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
+        raise TypeError(f"not static ints: {value!r}")
     value = tuple(int(v) for v in value)
     return value * n if len(value) == 1 else value
 
@@ -199,10 +207,16 @@ _PAD_MODES = {"constant": "zeros", "reflect": "reflect", "replicate": "replicate
 _PAD_MODES["circular"] = "circular"
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _pairs_from_pad_arg(pad: Sequence[int], ndim: int) -> tuple[tuple[int, int], ...] | None:
     """F.pad's ``(left_last, right_last, left_prev, right_prev, …)`` as pairs in dim order."""
+    if not isinstance(pad, (tuple, list)):
+        return None  # computed at run time
     pad = tuple(pad)
-    if len(pad) % 2 or len(pad) // 2 > ndim or not all(isinstance(p, int) for p in pad):
+    if len(pad) % 2 or len(pad) // 2 > ndim or not all(_is_int(p) for p in pad):
         return None
     pairs = [(0, 0)] * ndim
     for i in range(len(pad) // 2):
@@ -262,6 +276,11 @@ def _slice_as_padding(node: Node, ndim: int) -> tuple[Node, Padding] | None:
 
 def _as_padding_op(node: Node, ndim: int, consts: Constants) -> tuple[Node, Padding] | None:
     """A pad or crop of a value: ``F.pad``, an ``nn.*Pad*d`` module, or a slicing crop."""
+    if node.op == "call_function" and node.target in (aten.slice.Tensor, operator.getitem):
+        source = node.args[0]
+        shape = consts.shape(source) if isinstance(source, Node) else None
+        if shape is not None and len(shape) != ndim + 2:
+            return None  # an unbatched value: its dims are not (N, C, spatial...)
     if node.op == "call_function" and node.target is aten.slice.Tensor:
         return _slice_as_padding(node, ndim)
     if node.op == "call_function" and node.target in (
@@ -315,7 +334,19 @@ def inherits_forward(module: nn.Module, *methods: str) -> bool:
         fn = getattr(type(module), name, None)
         if not getattr(fn, "__module__", "").startswith("torch.nn."):
             return False
-    return True
+    return not has_hooks(module)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward (pre-)hooks: its own (``weight_norm`` is one)
+    or global ones. A hook can change what the module computes, so such a module is never
+    replaced by a fused one."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _module_hooks._global_forward_hooks
+        or _module_hooks._global_forward_pre_hooks
+    )
 
 
 def peel_padding(
@@ -848,18 +879,16 @@ def _conv_from_function(
             name,
         )
     n = CONV_FUNCTIONS[fn]
-    if not all(
-        isinstance(args[k], (int, tuple, list, str)) for k in ("stride", "padding", "dilation")
-    ):
+    if not _is_int(args["groups"]):
         return None
-    if not isinstance(args["groups"], int):
+    try:  # stride, padding and dilation must be static (a traced int is a node)
+        dilation = _tuple(args["dilation"], n)
+        own = Padding(_padding_pairs(args["padding"], weight.shape[2:], dilation))
+        stride = _tuple(args["stride"], n)
+    except TypeError:
         return None
-    dilation = _tuple(args["dilation"], n)
-    own = Padding(_padding_pairs(args["padding"], weight.shape[2:], dilation))
     source, padding, barrier = peel_padding(args["input"], own, consts)
-    geo = ConvGeometry(
-        _tuple(args["stride"], n), padding.pairs, dilation, args["groups"], padding.mode
-    )
+    geo = ConvGeometry(stride, padding.pairs, dilation, args["groups"], padding.mode)
     return ConvView(
         node, source, weight, bias, geo, "conv", weight.dtype, sources, grad, name, barrier
     )
@@ -954,16 +983,18 @@ def as_batch_norm(node: Node, consts: Constants) -> BatchNormView | None:
             return None
         tensors = {}
         for name in ("running_mean", "running_var", "weight", "bias"):
-            value = args[name]
-            tensors[name] = None if value is None else consts.tensor(value)
-            if value is not None and tensors[name] is None:
+            arg = args[name]
+            tensors[name] = None if arg is None else consts.tensor(arg)
+            if arg is not None and tensors[name] is None:
                 return None  # a statistic computed at run time
         training = args.get("training", False)  # _native_batch_norm_legit_no_training: False
         batch_stats = bool(training) or tensors["running_mean"] is None
         nodes = [a for a in args.values() if isinstance(a, Node) and a is not args["input"]]
         sources = tuple(dict.fromkeys(module_path_of(n) for n in [node, *nodes]))
-        if not isinstance(args["eps"], (int, float)) or not isinstance(training, bool):
+        eps = static_number(args["eps"], consts)
+        if eps is None or not isinstance(training, bool):
             return None
+        args["eps"] = eps
         return BatchNormView(
             value,
             args["input"],
@@ -1011,6 +1042,13 @@ class Combination:
     terms: list[tuple[Tensor, Node]] = field(default_factory=list)
     constants: list[tuple[Tensor, Node | float]] = field(default_factory=list)
     interior: list[Node] = field(default_factory=list)
+    # dtypes of the constant tensors it scales or adds by (a float64 scale on a float32 value
+    # makes the result float64: a rule must not fold it away)
+    constant_dtypes: set[torch.dtype] = field(default_factory=set)
+
+    def promotes(self, dtype: torch.dtype) -> bool:
+        """Whether a constant makes the sum's dtype differ from ``dtype``."""
+        return any(torch.promote_types(dtype, d) != dtype for d in self.constant_dtypes)
 
 
 def _scalar(value: Any) -> Tensor | None:
@@ -1023,6 +1061,18 @@ def _scalar(value: Any) -> Tensor | None:
 def _float64(value: float) -> Tensor:
     """A 0-d float64 tensor, shared: coefficient arithmetic never works in place."""
     return torch.tensor(value, dtype=torch.float64)
+
+
+def static_number(arg: Any, consts: Constants) -> float | None:
+    """A python number, or ``t.item()`` of a constant tensor (dynamo lifts a module's float
+    attributes, like a batch norm's ``eps``, to graph inputs under ``dynamic=True``)."""
+    if _scalar(arg) is not None:
+        return float(arg)
+    if isinstance(arg, Node) and arg.op == "call_method" and arg.target == "item":
+        t = consts.tensor(arg.args[0])
+        if t is not None and t.numel() == 1:
+            return float(t)
+    return None
 
 
 def constant_value(arg: Any, consts: Constants) -> Tensor | None:
@@ -1056,18 +1106,19 @@ def _linear_operands(node: Node, consts: Constants) -> list[tuple[Tensor, Any]] 
         if fn in _SUB:
             alpha = -alpha
         a, b = node.args
-        in_place = fn is operator.iadd or fn is operator.isub
-        if in_place and (not isinstance(a, Node) or len(a.users) != 1):
+        if fn in _IN_PLACE and (not isinstance(a, Node) or len(a.users) != 1):
             return None  # in place on a value someone else reads
-        return [(one, a), (alpha, b)]
+        return _operands([(one, a), (alpha, b)])
     if fn in _NEG:
-        return [(-one, node.args[0])] if len(node.args) == 1 and not kwargs else None
+        return _operands([(-one, node.args[0])]) if len(node.args) == 1 and not kwargs else None
     if fn in _MUL or fn in _DIV:
         if len(node.args) != 2 or kwargs.get("rounding_mode") is not None:
             return None
         if set(kwargs) - {"rounding_mode"}:
             return None
         a, b = node.args
+        if fn in _IN_PLACE and (not isinstance(a, Node) or len(a.users) != 1):
+            return None
         cb = constant_value(b, consts)
         if fn in _DIV:
             if cb is None or not isinstance(a, Node) or bool((cb == 0).any()):
@@ -1079,6 +1130,15 @@ def _linear_operands(node: Node, consts: Constants) -> list[tuple[Tensor, Any]] 
         if ca is not None and isinstance(b, Node) and cb is None and _per_channel_shape(ca):
             return [(ca, b)]
     return None
+
+
+_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _operands(pairs: list[tuple[Tensor, Any]]) -> list[tuple[Tensor, Any]] | None:
+    """``pairs`` if every operand is a node or a number (``x - True`` is not a sum we read)."""
+    ok = all(isinstance(op, Node) or _scalar(op) is not None for _, op in pairs)
+    return pairs if ok else None
 
 
 def channel_vector(t: Tensor, channels: int, ndim: int) -> Tensor | None:
@@ -1130,6 +1190,10 @@ def _flatten(
         combo.terms.append((coefficient, node))
         return
     combo.interior.append(node)
+    for n in node.all_input_nodes:
+        t = consts.tensor(n)
+        if t is not None:
+            combo.constant_dtypes.add(t.dtype)
     for factor, operand in operands:
         c = coefficient * factor
         if constant_value(operand, consts) is not None:
@@ -1138,6 +1202,49 @@ def _flatten(
             _flatten(operand, c, combo, consts)
         else:
             raise TypeError(f"unexpected operand {operand!r} in {node.format_node()}")
+
+
+_IN_PLACE_OPERATORS = {
+    operator.setitem,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+}
+
+
+def mutates(node: Node, consts: Constants | None = None) -> bool:
+    """Whether running ``node`` may change one of its inputs in place.
+
+    ``torch.relu_``/``x.add_()`` (a trailing underscore), ``inplace=True``, ``out=``, aten ops
+    whose schema mutates, ``x += y``, and modules built with ``inplace=True`` (``nn.ReLU``).
+    fx's ``is_impure`` knows few of these, so fxfuse asks here before it erases, moves past or
+    folds anything.
+    """
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
+        return True
+    if node.op == "call_module":
+        if consts is None:
+            return True  # cannot look: assume the worst
+        return getattr(consts.module(str(node.target)), "inplace", False) is True
+    target = node.target
+    name = str(target) if node.op == "call_method" else getattr(target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    if target in _IN_PLACE_OPERATORS:
+        return True
+    schema = getattr(target, "_schema", None)
+    return bool(schema is not None and getattr(schema, "is_mutable", False))
 
 
 _METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})

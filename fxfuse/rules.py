@@ -47,6 +47,7 @@ from fxfuse.ops import (
     as_combination,
     as_conv,
     fused_layer,
+    mutates,
     reads_metadata_only,
     value_users,
 )
@@ -94,6 +95,9 @@ class Match:
     # nodes that disappear with the root and have its shape and dtype: reads of their metadata
     # (``x.shape``, ``x.ndim`` in an assert) move to the replacement
     absorbed: list[Node] = field(default_factory=list, kw_only=True)
+    # the same for nodes whose shape a node of the replacement other than its root has (set
+    # by the rewrite, which made that node): removed node -> new node of its shape
+    redirects: dict[Node, Node] = field(default_factory=dict, kw_only=True)
 
 
 MatchT = TypeVar("MatchT", bound=Match)
@@ -254,12 +258,23 @@ def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
             ctx.validator.fail(rule, match, f"its rewrite raised {type(error).__name__}: {error}")
             continue
         created = attempt.created()
-        readers = ctx._metadata_readers(match.absorbed)
-        moved = ctx._dependents_before(new, [r for r, _ in readers if r < new])
+        readers = ctx._metadata_readers(match, new)
+        moved = ctx._dependents_before(new, [r for r, _, _ in readers if r < new])
         cycle = set(moved)
         if not cycle.isdisjoint(created) or not cycle.isdisjoint(new.all_input_nodes):
             ctx._roll_back(attempt)  # the replacement needs the shape of a node it removes
             ctx._decline(rule, root, SHAPE_CYCLE)
+            continue
+        mutation = ctx._mutation_within(root, [*created, new])
+        if mutation is not None:
+            ctx._roll_back(attempt)
+            ctx._decline(
+                rule,
+                root,
+                f"{mutation.name} changes a value in place between the "
+                "ops this would merge; moving them past it would change "
+                "what they read",
+            )
             continue
         if ctx.validator is not None and not ctx.validator.check(rule, match, new, attempt):
             continue  # it differs from what it replaces on random inputs: rolled back, declined
@@ -308,6 +323,7 @@ class RewriteContext:
         self._declines: dict[tuple[str, Node], tuple[str, bool]] = {}
         self._declining_rules: set[str] = set()
         self._modules: dict[str, nn.Module] = dict(root.named_modules())
+        self._has_mutations = any(mutates(n, self) for n in graph.nodes)
         self._queues: list[deque[Node]] = []
         self._queued: list[set[Node]] = []
         self.validator: RewriteValidator | None = (
@@ -322,8 +338,12 @@ class RewriteContext:
             return None
         if arg.op == "get_attr":
             value = self.attribute(str(arg.target))
-            return value if isinstance(value, Tensor) else None
-        return self.bound.get(arg)
+            value = value if isinstance(value, Tensor) else None
+        else:
+            value = self.bound.get(arg)
+        if value is not None and any(mutates(user, self) for user in arg.users):
+            return None  # the graph changes it in place: not a constant
+        return value
 
     def module(self, target: str) -> nn.Module:
         """The submodule a ``call_module`` target names."""
@@ -412,7 +432,7 @@ class RewriteContext:
         self,
         old: Node,
         new: Node,
-        readers: Sequence[tuple[Node, Node]] = (),
+        readers: Sequence[tuple[Node, Node, Node]] = (),
         moved: Sequence[Node] = (),
     ) -> None:
         """Point every user of ``old`` at ``new``, and each metadata ``reader`` of an absorbed
@@ -422,8 +442,8 @@ class RewriteContext:
             if key in old.meta and key not in new.meta:
                 new.meta[key] = old.meta[key]
         old.replace_all_uses_with(new)
-        for reader, node in readers:
-            reader.replace_input_with(node, new)
+        for reader, node, target in readers:
+            reader.replace_input_with(node, target)
         for node in reversed(moved):
             new.append(node)
         self._erase_dead(old)
@@ -444,11 +464,14 @@ class RewriteContext:
         self.counts.update(attempt.counts)
 
     @staticmethod
-    def _metadata_readers(absorbed: Sequence[Node]) -> list[tuple[Node, Node]]:
-        """``(reader, node)`` for every user that only reads an absorbed node's metadata."""
+    def _metadata_readers(match: Match, new: Node) -> list[tuple[Node, Node, Node]]:
+        """``(reader, node, target)`` for every user that only reads the metadata of a node
+        the rewrite removes: ``target`` is the new node of the same shape it should read."""
+        targets = {node: new for node in match.absorbed}
+        targets.update(match.redirects)
         return [
-            (user, node)
-            for node in absorbed
+            (user, node, target)
+            for node, target in targets.items()
             for user in node.users
             if reads_metadata_only(user, node)
         ]
@@ -469,6 +492,38 @@ class RewriteContext:
             node = node.next
         return ordered
 
+    def dying(self, root: Node, keep: Sequence[Node]) -> set[Node]:
+        """``root`` and the nodes that die once it is replaced: those all of whose value users
+        die (reads of their shape move to the replacement), unless the replacement (``keep``)
+        reads them or the driver would not erase them."""
+        kept = set(keep)
+        for node in keep:
+            kept.update(node.all_input_nodes)
+        dying = {root}
+        stack = list(root.all_input_nodes)
+        while stack:
+            node = stack.pop()
+            if node in dying or node in kept or not self._removable(node):
+                continue
+            if all(user in dying for user in value_users(node)):
+                dying.add(node)
+                stack.extend(node.all_input_nodes)
+        return dying
+
+    def _mutation_within(self, root: Node, created: Sequence[Node]) -> Node | None:
+        """An in-place op between the first op a rewrite removes and its root, if any.
+
+        The replacement runs where the root was, so it would read its inputs after that op
+        changed them, where the ops it replaces read them before."""
+        if not self._has_mutations:
+            return None
+        node = min(self.dying(root, created))
+        while node is not root:
+            if mutates(node, self):
+                return node
+            node = node.next
+        return None
+
     def _erasable(self, node: Node) -> bool:
         return not node.users and self._removable(node)
 
@@ -483,7 +538,7 @@ class RewriteContext:
             return isinstance(module, _ERASABLE_MODULES) or (
                 isinstance(module, _BatchNorm) and not module.training
             )
-        if node.op == "call_method" and str(node.target).endswith("_"):
+        if mutates(node, self):
             return False
         return not node.is_impure()
 

@@ -39,7 +39,6 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fxfuse.compare import compare_outputs
-from fxfuse.ops import value_users
 from fxfuse.report import Decline
 
 if TYPE_CHECKING:
@@ -86,7 +85,7 @@ class RewriteValidator:
 
     def _check(self, attempt: Attempt, new: Node) -> str | None:
         created = attempt.created()
-        dying = _dying(attempt.root, keep=[*created, new], erasable=self.ctx._removable)
+        dying = self.ctx.dying(attempt.root, keep=[*created, new])
         old_order, old_frontier = _closure(attempt.root, dying)
         new_order, new_frontier = _closure(new, set(created))
         try:
@@ -151,25 +150,6 @@ class RewriteValidator:
         self.ctx._decline(rule, match.root, f"failed validation: {reason}")
         self.failures.append(Decline(rule.name, match.root.name, f"failed validation: {reason}"))
         return None
-
-
-def _dying(root: Node, keep: list[Node], erasable: Any) -> set[Node]:
-    """``root`` and the nodes that die once it is replaced: those all of whose value users
-    die (reads of their shape move to the replacement), unless the replacement (``keep``)
-    reads them or the driver would not erase them."""
-    kept = set(keep)
-    for node in keep:
-        kept.update(node.all_input_nodes)
-    dying = {root}
-    stack = list(root.all_input_nodes)
-    while stack:
-        node = stack.pop()
-        if node in dying or node in kept or not erasable(node):
-            continue
-        if all(user in dying for user in value_users(node)):
-            dying.add(node)
-            stack.extend(node.all_input_nodes)
-    return dying
 
 
 def _closure(output: Node, inside: set[Node]) -> tuple[list[Node], list[Node]]:

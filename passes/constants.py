@@ -11,6 +11,7 @@ rule folds into the conv. The op runs exactly as the model would run it (same dt
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from torch import Tensor
 from torch.fx import Node
 from torch.fx.node import map_arg
 
+from fxfuse.ops import mutates
 from fxfuse.rules import Match, RewriteContext, Rule
 
 __all__ = ["FoldConstants"]
@@ -42,10 +44,12 @@ class FoldConstants(Rule[ConstantOp]):
     def matches(self, node: Node, ctx: RewriteContext) -> Iterator[ConstantOp]:
         if node.op not in ("call_function", "call_method") or not node.users:
             return
-        if node.op == "call_method" and str(node.target).endswith("_"):
-            return  # in place
         if node.target is getattr or not node.all_input_nodes or node.is_impure():
-            return  # (metadata reads stay; random ops count as impure)
+            return  # (metadata reads stay)
+        if mutates(node, ctx) or _random(node):
+            return
+        if any(mutates(user, ctx) or user.op == "output" for user in node.users):
+            return  # changed in place later, or handed to the caller: it must stay fresh
         values = {}
         for n in node.all_input_nodes:
             value = ctx.tensor(n)
@@ -72,6 +76,22 @@ class FoldConstants(Rule[ConstantOp]):
     def describe(self, match: ConstantOp) -> str:
         target = match.root.target
         return f"{getattr(target, '__name__', target)}(constants) -> constant"
+
+
+# Ops that draw random numbers or leave memory uninitialized: fx's is_impure knows only some.
+_RANDOM = re.compile(
+    r"rand|bernoulli|normal|multinomial|poisson|dropout|rrelu|empty|uniform|"
+    r"exponential|geometric|cauchy|random"
+)
+
+
+def _random(node: Node) -> bool:
+    name = (
+        str(node.target)
+        if node.op == "call_method"
+        else getattr(node.target, "__name__", str(node.target))
+    )
+    return bool(_RANDOM.search(name))
 
 
 def _run(node: Node, args: Any, kwargs: Any) -> Any:

@@ -16,6 +16,7 @@ import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 from torch.fx import Node
 
@@ -37,6 +38,22 @@ __all__ = ["DistributeBatchNorm", "FoldBatchNorm"]
 class LayerBatchNorm(Match):
     layer: ConvView | None  # None: the batch norm reads something no layer can absorb
     bn: BatchNormView
+
+
+LINEAR_RANK_UNKNOWN = (
+    "a Linear's output may have more than two dims, and batch norm normalizes dim 1, not the "
+    "features: pass example_inputs so fxfuse can see it is 2-d"
+)
+
+
+def promotion_reason(combination: Combination, dtype: torch.dtype) -> str:
+    wider = sorted(
+        str(d) for d in combination.constant_dtypes if torch.promote_types(dtype, d) != dtype
+    )
+    return (
+        f"a {', '.join(wider)} constant makes the {dtype} result {wider[0]}; a fused "
+        f"layer would keep {dtype}"
+    )
 
 
 def uses_batch_stats_reason(bn: BatchNormView) -> str:
@@ -116,6 +133,8 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
         if bn.ndims is not None and layer.ndim not in bn.ndims:
             return f"a {layer.ndim}-d layer's output cannot feed this batch norm"
         shape = ctx.shape(layer.node)
+        if layer.kind == "linear" and shape is None:
+            return LINEAR_RANK_UNKNOWN
         if shape is not None and len(shape) != layer.ndim + 2:
             return (
                 f"the {layer.describe()} output has shape {tuple(shape)}: batch norm would "
@@ -159,8 +178,10 @@ class DistributeBatchNorm(Rule[BatchNormOfSum]):
             return
         layers = [ctx.conv(term) for _, term in combo.terms]
         if any(layer is not None for layer in layers):
-            absorbed = [combo.root, *combo.interior, *(t for _, t in combo.terms)]
-            yield BatchNormOfSum(node, bn=bn, combination=combo, layers=layers, absorbed=absorbed)
+            # the sum has the batch norm's shape; each branch's shape is its new layer's
+            yield BatchNormOfSum(
+                node, bn=bn, combination=combo, layers=layers, absorbed=[combo.root]
+            )
 
     def check(self, match: BatchNormOfSum, ctx: RewriteContext) -> str | None:
         bn = match.bn
@@ -178,6 +199,8 @@ class DistributeBatchNorm(Rule[BatchNormOfSum]):
                     f"batch norm has {bn.num_features} channels, {layer.describe()} has "
                     f"{layer.out_channels}"
                 )
+            if layer.kind == "linear" and ctx.shape(term) is None:
+                return LINEAR_RANK_UNKNOWN
             if channel_vector(coefficient, bn.num_features, layer.ndim) is None:
                 return f"the scale on {layer.describe()} is not per output channel"
         for coefficient, operand in match.combination.constants:
@@ -185,6 +208,8 @@ class DistributeBatchNorm(Rule[BatchNormOfSum]):
             assert value is not None
             if channel_vector(coefficient * value, bn.num_features, first.ndim) is None:
                 return "a constant in the sum is not per channel"
+        if match.combination.promotes(first.dtype):
+            return promotion_reason(match.combination, first.dtype)
         shape = ctx.shape(match.combination.root)
         if shape is not None and len(shape) != first.ndim + 2:
             return f"the sum has shape {tuple(shape)}: batch norm would not normalize its channels"
@@ -212,6 +237,7 @@ class DistributeBatchNorm(Rule[BatchNormOfSum]):
             node = scaled_layer(
                 ctx, layer, scale * vector.to(scale.device), shift if total is None else None, bn
             )
+            match.redirects[layer.node] = node
             total = node if total is None else ctx.call(operator.add, total, node)
         assert total is not None
         return total

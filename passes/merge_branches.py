@@ -48,7 +48,12 @@ from fxfuse.ops import (
 )
 from fxfuse.rules import Match, RewriteContext, Rule
 
-from .fold_bn import other_users, uses_batch_stats_reason
+from .fold_bn import (
+    LINEAR_RANK_UNKNOWN,
+    other_users,
+    promotion_reason,
+    uses_batch_stats_reason,
+)
 from .identity import RULE_NAME as IDENTITY_RULE
 from .identity import Diagonal, as_diagonal, diagonal_terms, identity
 
@@ -207,7 +212,8 @@ class MergeBranches(Rule[BranchGroup]):
                 constants=folded,
                 rest=rest + kept,
                 excluded=excluded,
-                absorbed=[*combo.interior, *(t.node for t in members if t.node is not x)],
+                # the interior of the sum has its shape only if nothing else is added in
+                absorbed=[] if rest + kept else list(combo.interior),
             )
         yield from _blocked_groups(node, combo, terms)
 
@@ -218,7 +224,7 @@ class MergeBranches(Rule[BranchGroup]):
         first = convs[0]
         for reason in (
             _check_layers(first, convs),
-            _check_diagonals(group, first),
+            _check_diagonals(group, first, ctx),
             _check_coefficients(group, first),
             _check_windows(group, first),
             _check_shapes(group, ctx),
@@ -287,9 +293,12 @@ class MergeBranches(Rule[BranchGroup]):
             name=_merged_name([c.name for c in group.convs]),
             requires_grad=any(c.requires_grad for c in group.convs),
         )
+        # the absorbed branches have the merged conv's shape (the checks ruled out broadcasting)
+        group.redirects.update({t.node: merged for t in group.terms if t.node is not t.input})
+        total = merged
         for c, operand in group.rest:
-            merged = _add_scaled(ctx, merged, c, operand, first)
-        return merged
+            total = _add_scaled(ctx, total, c, operand, first)
+        return total
 
     def describe(self, group: BranchGroup) -> str:
         parts = [t.describe() for t in group.terms]
@@ -399,11 +408,18 @@ def _check_layers(first: ConvView, convs: Sequence[ConvView]) -> str | None:
     return None
 
 
-def _check_diagonals(group: BranchGroup, first: ConvView) -> str | None:
+def _check_diagonals(group: BranchGroup, first: ConvView, ctx: RewriteContext) -> str | None:
     for term in group.terms:
         if term.diagonal is None:
             continue
         label = term.diagonal.label
+        shape = ctx.shape(term.node)
+        if (
+            first.kind == "linear"
+            and term.diagonal.scale is not None
+            and (shape is None or len(shape) != 2)
+        ):
+            return LINEAR_RANK_UNKNOWN  # a batch norm's channels are dim 1, features are last
         if first.in_channels != first.out_channels:
             return (
                 f"the {label} branch needs in = out channels, but the {first.describe()} "
@@ -450,7 +466,16 @@ def _check_windows(group: BranchGroup, first: ConvView) -> str | None:
 
 
 def _check_shapes(group: BranchGroup, ctx: RewriteContext) -> str | None:
-    """Where the graph carries shapes: no branch may rely on broadcasting."""
+    """Where the graph carries shapes: batched input, and no branch relying on broadcasting."""
+    if group.combination.promotes(group.convs[0].dtype):
+        return promotion_reason(group.combination, group.convs[0].dtype)
+    first = group.convs[0]
+    source = ctx.shape(group.input)
+    if first.geometry is not None and source is not None and len(source) != first.ndim + 2:
+        return (
+            f"the input has shape {tuple(source)}: an unbatched input, whose channels are "
+            "dim 0, which the merge does not handle"
+        )
     root = ctx.shape(group.root)
     if root is None:
         return None

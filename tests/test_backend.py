@@ -151,3 +151,31 @@ def test_unknown_option_is_a_clear_error() -> None:
     compiled = torch.compile(nn.ReLU(), backend="fxfuse", options={"innr": "eager"})
     with pytest.raises(Exception, match="unknown fxfuse backend option"):
         compiled(torch.randn(2))
+
+
+def test_a_weight_swapped_through_data_is_seen() -> None:
+    model = randomize_batch_norms(repvgg_net().eval())
+    x = torch.randn(1, 3, 16, 16)
+    compiled = _compiled(model)
+    with torch.no_grad():
+        compiled(x)
+        model[0].dense[0].weight.data = torch.randn_like(model[0].dense[0].weight)
+        assert relative_error(model(x), compiled(x)) <= 1e-5
+
+
+def test_a_model_built_under_inference_mode_compiles() -> None:
+    with torch.inference_mode():
+        model = randomize_batch_norms(repvgg_net().eval())
+        x = torch.randn(1, 3, 16, 16)
+        compiled = _compiled(model)
+        assert relative_error(model(x), compiled(x)) <= 1e-5
+
+
+def test_dynamic_shapes_still_fold_batch_norms() -> None:
+    # under dynamic=True dynamo lifts each batch norm's eps to a 0-d tensor input (.item())
+    model = randomize_batch_norms(repvgg_net().eval())
+    compiled = torch.compile(model, backend="fxfuse", dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randn(2, 3, 17, 17))
+    assert fxfuse.backend.REPORTS[-1].after.batch_norms == 0
+    assert fxfuse.backend.REPORTS[-1].after.convs == 5

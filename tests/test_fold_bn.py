@@ -67,9 +67,18 @@ def test_conv_transpose_bn_folds_along_dim_one(ndim: int, cin: int, cout: int, g
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_bn1d_folds(bias: bool) -> None:
     model = nn.Sequential(nn.Linear(5, 7, bias=bias), nn.BatchNorm1d(7))
-    fused, _, after = fuse_and_check(model, torch.randn(4, 5), batch_norms=0)
+    x = torch.randn(4, 5)
+    fused, _, after = fuse_and_check(model, x, batch_norms=0, example_inputs=(x,))
     assert after["addmm"] + after["mm"] + after["linear"] >= 1
     assert fused.fxfuse_report.counts["fold-bn"] == 1
+
+
+def test_linear_bn1d_without_shapes_is_declined_with_the_reason() -> None:
+    # a Linear on (N, L, F) gives (N, L, F'): BatchNorm1d would normalize L, not the features
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7))
+    fused, _, _ = fuse_and_check(model, torch.randn(4, 5), batch_norms=1)
+    (reason,) = declined(fused, "fold-bn")
+    assert "example_inputs" in reason
 
 
 def test_bn_without_affine_parameters_folds() -> None:
