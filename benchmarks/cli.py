@@ -1,9 +1,10 @@
 """``python -m benchmarks [all|latency|scaling|memory|plot] [--quick] …``
 
 ``all`` (the default) runs latency, scaling and memory and draws the plot; ``profile``
-prints where ``optimize`` spends its time (cProfile, per phase). ``--quick`` is
-the short run (a few minutes on 2 cores): four models, 10 rounds, 10/100/1,000 blocks. The
-10,000-block point is its own command::
+prints where ``optimize`` spends its time (cProfile, per phase); ``equivalence`` prints the
+README's model table (ops executed, errors, parameters; fxfuse beside timm's converter).
+``--quick`` is the short run (a few minutes on 2 cores): four models, 10 rounds,
+10/100/1,000 blocks. The 10,000-block point is its own command::
 
     python -m benchmarks scaling --blocks 10 100 1000 10000
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import latency, markdown, memory, plots, profile, scaling
+from benchmarks import equivalence, latency, markdown, memory, plots, profile, scaling
 from benchmarks.common import OUT, cold_compiles, load_results, machine, save_section
 from fxfuse.bench import VARIANTS
 
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="all",
-        choices=["all", "latency", "scaling", "memory", "profile", "plot", "markdown"],
+        choices=["all", "latency", "scaling", "memory", "profile", "plot", "markdown",
+                 "equivalence"],
     )
     parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
     parser.add_argument("--models", nargs="+", metavar="SPEC", help="model specs to measure")
@@ -140,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.command == "markdown":
         run_markdown(args)
+        return 0
+    if args.command == "equivalence":  # the README's model table, as markdown
+        equivalence.main()
         return 0
     steps[args.command](args)
     run_plot(args)
