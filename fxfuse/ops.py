@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import inspect
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -1271,8 +1271,3 @@ def reads_metadata_only(user: Node, of: Node) -> bool:
 def value_users(node: Node) -> list[Node]:
     """The users of ``node`` that read its values (not only its shape or dtype)."""
     return [u for u in node.users if not reads_metadata_only(u, node)]
-
-
-def iter_users(nodes: Iterable[Node]) -> list[Node]:
-    """All users of ``nodes``, each once, in no particular order."""
-    return list(dict.fromkeys(u for n in nodes for u in n.users))
