@@ -222,6 +222,9 @@ def fuse_graph(
     ``root`` resolves the graph's targets; ``bound`` gives the tensors of placeholders that
     hold weights (graphs from ``torch.compile``). The result carries its report.
     """
+    # fxfuse resolves targets itself (``root`` and the constants it adds); a module that owns
+    # the graph (an ExportedProgram's) would warn about every new attribute read
+    graph.owning_module = None
     ctx = RewriteContext(graph, root, options, bound)
     report = FusionReport(
         capture=capture,
