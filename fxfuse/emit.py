@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
 
-from fxfuse.ops import FusedLayer, fused_layer, mutates
+from fxfuse.ops import FusedLayer, fused_layer, mutates, pad_calls
 
 __all__ = ["build_module", "emit"]
 
@@ -33,15 +33,17 @@ def _parameter(value: Tensor, layer: FusedLayer) -> nn.Parameter:
     )
 
 
-def build_module(layer: FusedLayer) -> tuple[nn.Module, list[int] | None]:
-    """A fresh module computing ``layer``, and the ``F.pad`` amounts to apply first (or None).
+def build_module(
+    layer: FusedLayer,
+) -> tuple[nn.Module, tuple[tuple[int, int], ...] | None]:
+    """A fresh module computing ``layer``, and the padding to apply first (or None).
 
     Modules are built on the meta device and given their parameters afterwards: no random
     initialisation is computed only to be thrown away.
     """
     weight, bias = layer.weight, layer.bias
     has_bias = bias is not None
-    pad: list[int] | None = None
+    pad: tuple[tuple[int, int], ...] | None = None
     module: nn.Module
     if layer.kind == "linear":
         module = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
@@ -66,7 +68,7 @@ def build_module(layer: FusedLayer) -> tuple[nn.Module, list[int] | None]:
             symmetric = all(left == right >= 0 for left, right in geo.padding)
             padding = tuple(left for left, _ in geo.padding) if symmetric else 0
             if not symmetric:
-                pad = [a for pair in reversed(geo.padding) for a in pair]
+                pad = geo.padding
             module = _CONV[geo.ndim](
                 weight.shape[1] * geo.groups,
                 weight.shape[0],
@@ -121,13 +123,9 @@ class _Paths:
         return path
 
 
-def _emit_padding(graph: Graph, x: Node, pad: list[int], mode: str) -> Node:
-    crop = [min(a, 0) for a in pad]
-    grow = [max(a, 0) for a in pad]
-    if any(crop):
-        x = graph.call_function(F.pad, (x, crop))
-    if any(grow):
-        x = graph.call_function(F.pad, (x, grow), {"mode": "constant" if mode == "zeros" else mode})
+def _emit_padding(graph: Graph, x: Node, pairs: tuple[tuple[int, int], ...], mode: str) -> Node:
+    for amounts, kwargs in pad_calls(pairs, mode):
+        x = graph.call_function(F.pad, (x, amounts), kwargs)
     return x
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "inherits_forward",
     "module_path_of",
     "mutates",
+    "pad_calls",
     "peel_padding",
     "reads_metadata_only",
     "value_users",
@@ -203,8 +204,12 @@ class Padding:
         return Padding(tuple(pairs), modes.pop() if modes else "zeros")
 
 
-_PAD_MODES = {"constant": "zeros", "reflect": "reflect", "replicate": "replicate"}
-_PAD_MODES["circular"] = "circular"
+_PAD_MODES = {
+    "constant": "zeros",
+    "reflect": "reflect",
+    "replicate": "replicate",
+    "circular": "circular",
+}
 
 
 def _is_int(value: Any) -> bool:
@@ -420,14 +425,26 @@ def fused_layer(x: Tensor, layer: FusedLayer) -> Tensor:
     return conv(x, weight, bias, geo.stride, 0, geo.dilation, geo.groups)
 
 
+def pad_calls(
+    pairs: Sequence[tuple[int, int]], mode: str
+) -> list[tuple[list[int], dict[str, str]]]:
+    """The ``F.pad(x, amounts, **kwargs)`` calls that apply per-dim (left, right) padding:
+    the crops (negative amounts) first, then the padding with ``mode`` (see :class:`Padding`).
+    """
+    amounts = [a for pair in reversed(pairs) for a in pair]
+    crop, grow = [min(a, 0) for a in amounts], [max(a, 0) for a in amounts]
+    calls: list[tuple[list[int], dict[str, str]]] = []
+    if any(crop):
+        calls.append((crop, {}))
+    if any(grow):
+        calls.append((grow, {"mode": "constant" if mode == "zeros" else mode}))
+    return calls
+
+
 def pad_input(x: Tensor, pairs: Sequence[tuple[int, int]], mode: str) -> Tensor:
     """Apply per-dim (left, right) padding; negative amounts crop."""
-    crop = [min(a, 0) for pair in reversed(pairs) for a in pair]
-    grow = [max(a, 0) for pair in reversed(pairs) for a in pair]
-    if any(crop):
-        x = F.pad(x, crop)
-    if any(grow):
-        x = F.pad(x, grow, mode="constant" if mode == "zeros" else mode)
+    for amounts, kwargs in pad_calls(pairs, mode):
+        x = F.pad(x, amounts, **kwargs)
     return x
 
 
