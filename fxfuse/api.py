@@ -14,9 +14,9 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxfuse.capture import export_capture, symbolic_capture
+from fxfuse.dialects import has_hooks
 from fxfuse.emit import emit
 from fxfuse.errors import CaptureError, TrainingModeError, VerificationError
-from fxfuse.ops import has_hooks
 from fxfuse.report import FusionReport, graph_stats
 from fxfuse.rules import FusionOptions, RewriteContext, Rule, RuleSet
 from fxfuse.verify import buffers_restored
@@ -216,16 +216,19 @@ def fuse_graph(
     capture: str,
     class_name: str,
     parameters: int,
+    live: bool = False,
 ) -> GraphModule:
     """Run the rules on ``graph`` (in place) and emit the fused ``GraphModule``.
 
     ``root`` resolves the graph's targets; ``bound`` gives the tensors of placeholders that
-    hold weights (graphs from ``torch.compile``). The result carries its report.
+    hold weights (graphs from ``torch.compile``); with ``live`` weights those may change
+    between calls, and the result computes its fused weights from them on every call. The
+    result carries its report.
     """
     # fxfuse resolves targets itself (``root`` and the constants it adds); a module that owns
     # the graph (an ExportedProgram's) would warn about every new attribute read
     graph.owning_module = None
-    ctx = RewriteContext(graph, root, options, bound)
+    ctx = RewriteContext(graph, root, options, bound, live=live)
     report = FusionReport(
         capture=capture,
         before=graph_stats(graph, ctx.module, parameters),
@@ -244,6 +247,7 @@ def fuse_graph(
         class_name=class_name,
         notes=report.notes,
         effects=ctx.effects,
+        live=live,
     )
     report.timings["emit"] = time.perf_counter() - start
 

@@ -250,8 +250,8 @@ def _resolve_function(fn: Any) -> _OpInfo:
         return _schema_info([fn])
     if isinstance(fn, torch._ops.OpOverloadPacket):
         return _schema_info([getattr(fn, o) for o in fn.overloads()])
-    if fn in _REGISTERED_PURE:
-        return _PURE
+    if fn in _REGISTERED_PURE or getattr(fn, "__module__", None) == "fxfuse.kernels":
+        return _PURE  # (fxfuse.kernels holds pure functions only: its docstring says so)
     if fn in _IN_PLACE_OPERATORS:
         return _OpInfo(_FIRST, _FIRST, False, True)
     if fn in _PURE_OPERATORS:
@@ -414,6 +414,15 @@ class Effects:
             return True
         t = self._tensor(node)
         return t is not None and _storage_key(t) in self._written_tensors
+
+    def written_tensor(self, tensor: Tensor) -> bool:
+        """Whether the graph (through any node reading it) or code it cannot see may change
+        ``tensor`` — a module's own parameter, which no node of the graph names."""
+        key = _storage_key(tensor)
+        if key in self._written_tensors:
+            return True
+        root = self._parent.get(("memory", key))
+        return root is not None and bool(self._writers.get(self._find(("memory", key))))
 
     def first_write_between(
         self, after: Node, before: Node, values: Iterable[Node], ignore: Iterable[Node] = ()

@@ -1,6 +1,6 @@
 """Emission: turn the rewritten graph into a self-contained, eval-mode ``GraphModule``.
 
-- every :class:`~fxfuse.ops.FusedLayer` becomes a fresh ``nn.Conv*d``/``nn.ConvTranspose*d``/
+- every :class:`~fxfuse.maps.FusedLayer` becomes a fresh ``nn.Conv*d``/``nn.ConvTranspose*d``/
   ``nn.Linear`` whose parameters are the exact weights cast to the layer's dtype; asymmetric
   or negative padding becomes an ``F.pad`` in front of it;
 - the result keeps only what its graph uses, and owns all of it: modules and tensors it
@@ -19,8 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxfuse import kernels
 from fxfuse.effects import Effects
-from fxfuse.ops import FusedLayer, fused_layer, pad_calls
+from fxfuse.geometry import Geometry, pad_calls, pad_with_value
+from fxfuse.maps import FusedLayer, fused_layer
+from fxfuse.rules import weight_of
+from fxfuse.weights import Weight, emit_weight, evaluate
+
+_LOWERED = frozenset({fused_layer, weight_of})
 
 __all__ = ["build_module", "emit"]
 
@@ -34,15 +40,16 @@ def _parameter(value: Tensor, layer: FusedLayer) -> nn.Parameter:
     )
 
 
-def build_module(
-    layer: FusedLayer,
-) -> tuple[nn.Module, tuple[tuple[int, int], ...] | None]:
+def build_module(layer: FusedLayer) -> tuple[nn.Module, tuple[tuple[int, int], ...] | None]:
     """A fresh module computing ``layer``, and the padding to apply first (or None).
 
-    Modules are built on the meta device and given their parameters afterwards: no random
-    initialisation is computed only to be thrown away.
-    """
-    weight, bias = layer.weight, layer.bias
+    The layer's weights are computed here, exactly (float64), and cast once; modules are
+    built on the meta device and given their parameters afterwards: no random initialisation
+    is computed only to be thrown away."""
+    memo: dict[int, Tensor] = {}
+    weight = evaluate(layer.weight, memo)
+    bias = None if layer.bias is None else evaluate(layer.bias, memo)
+    del memo  # (one layer's float64 scratch at a time)
     has_bias = bias is not None
     pad: tuple[tuple[int, int], ...] | None = None
     module: nn.Module
@@ -66,7 +73,9 @@ def build_module(
                 device="meta",
             )
         else:
-            symmetric = all(left == right >= 0 for left, right in geo.padding)
+            symmetric = geo.padding_mode != "value" and all(
+                left == right >= 0 for left, right in geo.padding
+            )
             padding = tuple(left for left, _ in geo.padding) if symmetric else 0
             if not symmetric:
                 pad = geo.padding
@@ -124,28 +133,103 @@ class _Paths:
         return path
 
 
-def _emit_padding(graph: Graph, x: Node, pairs: tuple[tuple[int, int], ...], mode: str) -> Node:
-    for amounts, kwargs in pad_calls(pairs, mode):
-        x = graph.call_function(F.pad, (x, amounts), kwargs)
-    return x
+class _Lowering:
+    """Turns the rules' graph functions into plain PyTorch: each :class:`FusedLayer` into a
+    fresh ``nn.Conv*d``/``nn.Linear`` (or, with live weights, into the ops that compute its
+    weights from the graph's inputs on every call and a functional conv), each ``weight_of``
+    into an attribute (or those ops)."""
 
+    def __init__(self, graph: Graph, paths: _Paths, owned: dict[str, Any], live: bool):
+        self.graph, self.paths, self.owned, self.live = graph, paths, owned, live
+        self.emitted: dict[int, Node] = {}
 
-def _lower(graph: Graph, node: Node, paths: _Paths, owned: dict[str, Any]) -> None:
-    x, layer = node.args
-    assert isinstance(x, Node) and isinstance(layer, FusedLayer)
-    module, pad = build_module(layer)
-    path = paths.claim(layer.name)
-    owned[path] = module
-    with graph.inserting_before(node):
+    def constant(self, value: Tensor) -> Node:
+        path = self.paths.claim("_fxfuse_constant")
+        self.owned[path] = value.detach().clone()
+        return self.graph.get_attr(path)
+
+    def weight(self, weight: Weight, layer: FusedLayer | None = None) -> Node:
+        if not self.live:
+            value = evaluate(weight)
+            if layer is not None:
+                value = value.to(device=layer.device, dtype=layer.dtype)
+            return self.constant(value)
+        node = emit_weight(weight, self.graph, self.constant, self.emitted)
+        if layer is not None:
+            node = self.graph.call_function(
+                kernels.cast, (node,), {"dtype": layer.dtype, "device": layer.device}
+            )
+        return node
+
+    def lower(self, node: Node) -> None:
+        with self.graph.inserting_before(node):
+            if node.target is weight_of:
+                (weight,) = node.args
+                assert isinstance(weight, Weight)
+                new = self.weight(weight)
+            else:
+                new = self._layer(node)
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in node.meta:
+                new.meta[key] = node.meta[key]
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+
+    def _layer(self, node: Node) -> Node:
+        x, layer = node.args
+        assert isinstance(x, Node) and isinstance(layer, FusedLayer)
+        geo = layer.geometry
+        if self.live:
+            weight = self.weight(layer.weight, layer)
+            bias = None if layer.bias is None else self.weight(layer.bias, layer)
+            if geo is not None and layer.kind == "conv":
+                x = self._pad(x, geo.padding, geo)
+            return self.graph.call_function(
+                _functional(layer), (x, weight, bias), _arguments(layer)
+            )
+        module, pad = build_module(layer)
+        path = self.paths.claim(layer.name)
+        self.owned[path] = module
         if pad is not None:
-            assert layer.geometry is not None
-            x = _emit_padding(graph, x, pad, layer.geometry.padding_mode)
-        new = graph.call_module(path, (x,))
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in node.meta:
-            new.meta[key] = node.meta[key]
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
+            assert geo is not None
+            x = self._pad(x, pad, geo)
+        return self.graph.call_module(path, (x,))
+
+    def _pad(self, x: Node, pairs: tuple[tuple[int, int], ...], geo: Geometry) -> Node:
+        value = None
+        if geo.padding_mode == "value":
+            assert geo.pad_value is not None
+            value = self.weight(geo.pad_value)
+        for amounts, kwargs in pad_calls(pairs, geo.padding_mode):
+            if value is not None and kwargs:
+                x = self.graph.call_function(pad_with_value, (x, amounts, value))
+            else:
+                x = self.graph.call_function(F.pad, (x, amounts), kwargs)
+        return x
+
+
+def _functional(layer: FusedLayer) -> Callable[..., Tensor]:
+    if layer.kind == "linear" or layer.geometry is None:
+        return F.linear
+    n = layer.geometry.ndim
+    if layer.kind == "conv_transpose":
+        return {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+
+
+def _arguments(layer: FusedLayer) -> dict[str, Any]:
+    geo = layer.geometry
+    if layer.kind == "linear" or geo is None:
+        return {}
+    if layer.kind == "conv_transpose":
+        return {
+            "stride": geo.stride,
+            "padding": tuple(left for left, _ in geo.padding),
+            "output_padding": geo.output_padding,
+            "groups": geo.groups,
+            "dilation": geo.dilation,
+        }
+    return {"stride": geo.stride, "padding": 0, "dilation": geo.dilation, "groups": geo.groups}
 
 
 def _drop_dead_pure_nodes(graph: Graph, effects: Effects) -> None:
@@ -190,13 +274,15 @@ def emit(
     class_name: str,
     notes: list[str] | None = None,
     effects: Effects | None = None,
+    live: bool = False,
 ) -> GraphModule:
     """The rewritten ``graph`` as a fresh, self-contained, eval-mode ``GraphModule``.
 
     ``resolve`` looks up a target in the caller's model; ``created`` holds what fxfuse added
     (by target). Everything the caller's model would share with the result is deep-copied,
     with one memo so weight tying survives; what cannot be copied (a module with the legacy
-    ``weight_norm`` hook) is shared, and said so in ``notes``.
+    ``weight_norm`` hook) is shared, and said so in ``notes``. With ``live`` weights, fused
+    layers compute their weights from the graph's inputs on every call (the compile backend).
     """
     # new call_module targets are checked against a graph's owning module; the result owns it
     graph.owning_module = None
@@ -206,8 +292,9 @@ def emit(
     targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
     owned: dict[str, Any] = {t: created[t] for t in targets if t in created}
     paths = _Paths(targets)
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is fused_layer]:
-        _lower(graph, node, paths, owned)
+    lowering = _Lowering(graph, paths, owned, live)
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _LOWERED]:
+        lowering.lower(node)
     graph.lint()
     memo: dict[int, Any] = {}
     attributes = {}

@@ -1,53 +1,175 @@
 """The algebra of structural re-parameterization, as pure functions over tensors.
 
-Nothing in this module knows about ``torch.fx``: every function takes tensors and integers
-and returns tensors and integers, so each identity below can be tested on its own.
+Nothing in this module knows about ``torch.fx``: every function takes tensors and integers and
+returns a tensor, so each identity below can be tested on its own. Each function converts its
+tensor inputs to float64 itself (:func:`exact`) and keeps autograd (nothing is detached): the
+same functions compute a fused model's weights once (``fxfuse.optimize``), or on every call
+inside the graph, differentiably (the ``torch.compile`` backend). fxfuse treats every function
+here as pure (see :mod:`fxfuse.effects`): keep it so.
 
 Notation: a convolution is ``y = W ⋆ x + b`` with stride ``s``, padding ``p``, dilation ``d``,
-groups ``g``. All arithmetic is done in float64 (:func:`exact`) and cast back by the caller.
+groups ``g``; a per-channel affine map is ``y = a·x + t``.
 
-- BN fold (eval, running statistics)::
+- BN as an affine map (eval, running statistics)::
 
-      σ = sqrt(var + eps);  scale = γ / σ;  shift = β − μ · scale
-      W' = W · scale  (per output channel);  b' = b · scale + shift
+      σ = sqrt(var + eps);  a = γ / σ;  t = β − μ · a
 
-  ConvTranspose weights are ``[in, out/g, k…]``: the output channel is dim 1, per group.
-- A per-channel affine ``scale · x + shift`` (identity, a lone BN, a constant scale) is a conv
-  whose kernel is zero except ``W[c, c mod (C/g), centre] = scale[c]``; valid for any ``g``
-  dividing ``C``.
-- Pad-and-add: branches reading the same input with equal stride merge when their sampling
-  windows align (:func:`align_windows`); each kernel is spread to the merged dilation and placed
-  at its offset inside the merged extent (:func:`place_kernel`).
+- affine after a layer (:func:`scale_kernel`, :func:`affine_bias`)::
+
+      W' = W · a  (per output channel; dim 1 per group for a transposed conv);  b' = b · a + t
+
+- affine before a layer (:func:`scale_input_channels`, :func:`input_shift_bias`)::
+
+      W'[o, i] = W[o, i] · a[i];   b' = b + Σ_{i, taps} W[o, i] · t[i]
+
+- a per-channel map as a kernel (:func:`diagonal_kernel`): zero except
+  ``W[c, c mod (C/g), centre] = a[c]``, for any ``g`` dividing ``C``;
+- pad-and-add: branches reading one input merge when their sampling windows align
+  (:func:`align_windows`); each kernel is spread to the merged dilation and placed at its offset
+  inside the merged extent (:func:`place_kernel`), grouped kernels densified to the merged
+  grouping (:func:`expand_groups`), and the placed kernels summed;
+- sequential composition ``k×k ∘ 1×1`` (:func:`compose_kernels`, :func:`compose_bias`)::
+
+      W[o, i, …] = Σ_m W₂[o, m, …] · W₁[m, i];   b = b₂ + Σ_m (Σ_taps W₂[o, m, …]) · b₁[m]
+
+- average pooling as a depthwise kernel of ``1/kᵈ`` (:func:`average_kernel`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "MergedWindow",
     "Window",
-    "add_diagonal",
-    "add_placed",
+    "add",
+    "affine_bias",
     "align_windows",
+    "average_kernel",
     "batch_norm_affine",
+    "bn_scale",
+    "bn_shift",
+    "cast",
+    "compose_bias",
+    "compose_kernels",
     "diagonal_kernel",
     "exact",
     "expand_groups",
+    "input_shift_bias",
+    "merged_bias",
     "place_kernel",
-    "scale_output_channels",
+    "placed_sum",
+    "product",
+    "reciprocal",
+    "scale_input_channels",
+    "scale_kernel",
+    "shaped",
+    "stack_biases",
+    "stack_outputs",
 ]
 
 
+_Shape = Callable[..., Sequence[int]]
+
+
+def shaped(shape_of: _Shape) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Declare the shape a kernel function returns, as a function of its arguments' shapes
+    (anything with ``.shape`` and ``.numel()``): callers that hold weight *expressions* know
+    the shape of a result without computing it."""
+
+    def mark(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        fn.shape_of = shape_of  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def _same(t: Any, *args: Any, **kwargs: Any) -> Sequence[int]:
+    return tuple(t.shape)
+
+
+def _vector(channels: int) -> _Shape:
+    return lambda *args, **kwargs: (channels,)
+
+
 def exact(t: Tensor) -> Tensor:
-    """``t`` detached, as float64, on a device that supports float64 (MPS does not)."""
+    """``t`` as float64, on a device that supports float64 (MPS does not); autograd kept."""
     device = torch.device("cpu") if t.device.type == "mps" else t.device
-    return t.detach().to(device=device, dtype=torch.float64)
+    return t.to(device=device, dtype=torch.float64)
+
+
+@shaped(lambda a, b: torch.broadcast_shapes(tuple(a.shape), tuple(b.shape)))
+def product(a: Tensor, b: Tensor) -> Tensor:
+    """``a · b`` in float64 (broadcasting)."""
+    return exact(a) * exact(b).to(exact(a).device)
+
+
+@shaped(lambda *ts: tuple(ts[0].shape))
+def add(*tensors: Tensor) -> Tensor:
+    """``Σ tensors`` in float64."""
+    total = exact(tensors[0])
+    for t in tensors[1:]:
+        total = total + exact(t).to(total.device)
+    return total
+
+
+@shaped(lambda *ws: (sum(int(w.shape[0]) for w in ws), *ws[0].shape[1:]))
+def stack_outputs(*weights: Tensor) -> Tensor:
+    """Kernels of layers reading one input, their output channels stacked (a concatenation)."""
+    return torch.cat([exact(w).to(exact(weights[0]).device) for w in weights])
+
+
+@shaped(lambda biases, channels: (sum(channels),))
+def stack_biases(biases: Sequence[Tensor], channels: Sequence[int]) -> Tensor:
+    """Biases of stacked layers, ``biases[i]`` for ``channels[i]`` outputs (a number for all)."""
+    return torch.cat([channel_vector(b, n) for b, n in zip(biases, channels, strict=True)])
+
+
+@shaped(_same)
+def reciprocal(a: Tensor) -> Tensor:
+    """``1 / a`` in float64."""
+    return 1.0 / exact(a)
+
+
+@shaped(_same)
+def cast(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``t`` in a layer's own dtype and device: where exact weights end."""
+    return t.to(device=device, dtype=dtype)
+
+
+def _on(t: Tensor, like: Tensor) -> Tensor:
+    return exact(t).to(like.device)
+
+
+def _column(t: Tensor, like: Tensor, dims: int) -> Tensor:
+    """A per-channel vector shaped to scale dim 0 of a ``dims``-d tensor like ``like``."""
+    return _on(t, like).reshape(-1, *([1] * (dims - 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# Batch norm and per-channel affine maps
+# --------------------------------------------------------------------------------------------
+
+
+@shaped(_same)
+def bn_scale(running_var: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """``a = γ / sqrt(var + eps)`` (``γ = 1`` without affine parameters)."""
+    scale = torch.rsqrt(exact(running_var) + eps)
+    return scale if weight is None else scale * _on(weight, scale)
+
+
+@shaped(_same)
+def bn_shift(running_mean: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``t = β − μ · a`` (``β = 0`` without affine parameters)."""
+    shift = -_on(running_mean, scale) * exact(scale)
+    return shift if bias is None else shift + _on(bias, shift)
 
 
 def batch_norm_affine(
@@ -57,101 +179,266 @@ def batch_norm_affine(
     bias: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """An eval-mode batch norm as ``y = scale · x + shift`` per channel (float64).
-
-    ``scale = γ / sqrt(var + eps)`` and ``shift = β − μ · scale``; a missing ``γ`` is 1 and a
-    missing ``β`` is 0 (``affine=False``).
-    """
-    mean = exact(running_mean)
-    scale = torch.rsqrt(exact(running_var) + eps)
-    if weight is not None:
-        scale = scale * exact(weight)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + exact(bias)
-    return scale, shift
+    """An eval-mode batch norm as ``y = a · x + t`` per channel: ``(a, t)`` in float64."""
+    scale = bn_scale(running_var, weight, eps)
+    return scale, bn_shift(running_mean, scale, bias)
 
 
-def scale_output_channels(
-    weight: Tensor,
-    bias: Tensor | None,
-    scale: Tensor,
-    shift: Tensor | None = None,
-    *,
-    transposed: bool = False,
-    groups: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """Fold ``y ↦ scale · y + shift`` (per output channel) into a conv or linear layer.
+@shaped(lambda t, channels: (channels,))
+def channel_vector(t: Tensor, channels: int) -> Tensor:
+    """A scalar or a tensor with ``channels`` elements (``(C,)``, ``(1, C, 1, 1)``…) as a
+    float64 ``(channels,)`` vector."""
+    t = exact(t)
+    return t.reshape(1).expand(channels) if t.numel() == 1 else t.reshape(channels)
 
-    ``W' = W · scale`` along the output-channel axis and ``b' = b · scale + shift``. For a
-    transposed conv the weight is ``[in, out/g, k…]`` and output channel ``o`` of group ``G``
-    lives at ``W[G·in/g : (G+1)·in/g, o − G·out/g]``, so the scale is applied per group on
-    dim 1. Returns float64 tensors; ``bias`` may be ``None`` (treated as 0).
-    """
-    scale = exact(scale).reshape(-1)
-    w = _on_math_device(weight)
-    # (a float32 weight times a float64 scale is computed, and stored, in float64: exact,
-    # with one allocation instead of a float64 copy and then a product)
+
+@shaped(_same)
+def scale_kernel(
+    weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1
+) -> Tensor:
+    """``W · a`` along the output-channel axis (``scale``: one value per output channel, or
+    one for all).
+
+    A transposed conv's weight is ``[in, out/g, k…]``: output channel ``o`` of group ``G``
+    lives at ``W[G·in/g : (G+1)·in/g, o − G·out/g]``, so the scale applies per group on dim 1
+    (never on dim 0: DESIGN trap 4)."""
+    w = exact(weight)
     if transposed:
         in_channels, out_per_group = w.shape[0], w.shape[1]
+        scale = channel_vector(scale, out_per_group * groups).to(w.device)
         grouped = w.reshape(groups, in_channels // groups, out_per_group, *w.shape[2:])
         per_group = scale.reshape(groups, 1, out_per_group, *([1] * (w.dim() - 2)))
-        w = (grouped * per_group).reshape(w.shape)
-    else:
-        w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    b = torch.zeros_like(scale) if bias is None else exact(bias)
-    b = b * scale
+        return (grouped * per_group).reshape(w.shape)
+    scale = channel_vector(scale, w.shape[0]).to(w.device)
+    return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+
+
+@shaped(lambda bias, scale, shift, channels: (channels,))
+def affine_bias(
+    bias: Tensor | None, scale: Tensor | None, shift: Tensor | None, channels: int
+) -> Tensor:
+    """``b · a + t`` per channel, as a float64 ``(channels,)`` vector (a missing ``b`` or ``t``
+    is 0, a missing ``a`` is 1)."""
+    parts = [t for t in (bias, scale, shift) if t is not None]
+    device = exact(parts[0]).device if parts else torch.device("cpu")
+    b = torch.zeros(channels, dtype=torch.float64, device=device)
+    if bias is not None:
+        b = channel_vector(bias, channels).to(device)
+    if scale is not None:
+        b = b * channel_vector(scale, channels).to(device)
     if shift is not None:
-        b = b + exact(shift).reshape(-1)
-    return w, b
+        b = b + channel_vector(shift, channels).to(device)
+    return b
 
 
-def _on_math_device(t: Tensor) -> Tensor:
-    """``t`` detached, on a device that supports float64 (its dtype unchanged)."""
-    return t.detach().cpu() if t.device.type == "mps" else t.detach()
+@shaped(_same)
+def scale_input_channels(weight: Tensor, scale: Tensor, *, groups: int = 1) -> Tensor:
+    """``W'[o, i] = W[o, i] · a[i]``: a per-channel scale of a layer's input folded into it.
+
+    ``weight`` is ``[out, in/g, k…]`` (a conv) or ``[out, in]`` (a linear layer); input channel
+    ``i`` of output ``o`` in group ``G`` is ``G·in/g + i``."""
+    w = exact(weight)
+    in_per_group = w.shape[1]
+    a = channel_vector(scale, in_per_group * groups).to(w.device)
+    out_per_group = w.shape[0] // groups
+    rows = a.reshape(groups, 1, in_per_group).expand(groups, out_per_group, in_per_group)
+    return w * rows.reshape(w.shape[0], in_per_group, *([1] * (w.dim() - 2)))
 
 
+@shaped(lambda weight, *args, **kwargs: (int(weight.shape[0]),))
+def input_shift_bias(
+    weight: Tensor, bias: Tensor | None, shift: Tensor, *, groups: int = 1
+) -> Tensor:
+    """``b' = b + Σ_{i, taps} W[o, i] · t[i]``: a per-channel shift of a layer's input folded
+    into its bias (exact where the layer reads no padding, or padding holding the shifted
+    value)."""
+    w = exact(weight)
+    in_per_group = w.shape[1]
+    t = channel_vector(shift, in_per_group * groups).to(w.device)
+    out_per_group = w.shape[0] // groups
+    per_input = w.reshape(w.shape[0], in_per_group, -1).sum(dim=2)
+    shifts = t.reshape(groups, 1, in_per_group).expand(groups, out_per_group, in_per_group)
+    added = (per_input * shifts.reshape(w.shape[0], in_per_group)).sum(dim=1)
+    return added if bias is None else added + channel_vector(bias, w.shape[0]).to(w.device)
+
+
+@shaped(
+    lambda scale, in_channels, groups, kernel_size, centre: (
+        in_channels,
+        in_channels // groups,
+        *kernel_size,
+    )
+)
 def diagonal_kernel(
     scale: Tensor, in_channels: int, groups: int, kernel_size: Sequence[int], centre: Sequence[int]
 ) -> Tensor:
-    """The conv kernel of the per-channel map ``y[c] = scale[c] · x[c]`` (float64).
+    """The conv kernel of the per-channel map ``y[c] = a[c] · x[c]`` (float64).
 
-    Shape ``[C, C/g, *kernel_size]``, zero except ``W[c, c mod (C/g), *centre] = scale[c]``.
-    The identity is ``scale = 1``. Needs ``in_channels == len(scale)`` and ``g | C``.
-    """
-    scale = exact(scale).reshape(-1)
-    channels = scale.numel()
-    if channels != in_channels or in_channels % groups:
+    Shape ``[C, C/g, *kernel_size]``, zero except ``W[c, c mod (C/g), *centre] = a[c]``.
+    The identity is ``a = 1``. Needs ``g | C``."""
+    if in_channels % groups:
         raise ValueError(
             f"a per-channel map needs in = out channels divisible by groups; "
-            f"got in={in_channels}, out={channels}, groups={groups}"
+            f"got in={in_channels}, groups={groups}"
         )
+    a = channel_vector(scale, in_channels)
     per_group = in_channels // groups
-    kernel = scale.new_zeros((channels, per_group, *kernel_size))
-    index = torch.arange(channels, device=scale.device)
-    kernel[(index, index % per_group, *centre)] = scale
-    return kernel
+    kernel = a.new_zeros((in_channels, per_group, *kernel_size))
+    index = torch.arange(in_channels, device=a.device)
+    taps = [torch.full_like(index, c) for c in centre]
+    return kernel.index_put((index, index % per_group, *taps), a)
 
 
+# --------------------------------------------------------------------------------------------
+# Placing kernels (pad-and-add)
+# --------------------------------------------------------------------------------------------
+
+
+@shaped(
+    lambda weight, in_channels, groups, new_groups: (
+        int(weight.shape[0]),
+        in_channels // new_groups,
+        *weight.shape[2:],
+    )
+)
 def expand_groups(weight: Tensor, in_channels: int, groups: int, new_groups: int) -> Tensor:
     """A grouped conv kernel rewritten for a coarser grouping ``new_groups`` (dividing ``groups``).
 
     A conv with ``g`` groups is a conv with ``g' | g`` groups whose kernel is block-diagonal
-    inside each coarse group: exact, but denser (it costs ``g / g'`` times the MACs).
-    """
+    inside each coarse group: exact, but denser (it costs ``g / g'`` times the MACs)."""
     if groups % new_groups:
         raise ValueError(f"cannot regroup {groups} groups into {new_groups}")
+    w = exact(weight)
     if groups == new_groups:
-        return weight
-    out_channels, in_per_group = weight.shape[0], weight.shape[1]
+        return w
+    out_channels, in_per_group = w.shape[0], w.shape[1]
     out_per_group = out_channels // groups
     new_in_per_group = in_channels // new_groups
-    dense = weight.new_zeros((out_channels, new_in_per_group, *weight.shape[2:]))
+    blocks = []
     for group in range(groups):
-        rows = slice(group * out_per_group, (group + 1) * out_per_group)
         start = (group * in_per_group) % new_in_per_group
-        dense[rows, start : start + in_per_group] = weight[rows]
-    return dense
+        rows = w[group * out_per_group : (group + 1) * out_per_group]
+        pad = [0, 0] * (w.dim() - 2) + [start, new_in_per_group - start - in_per_group]
+        blocks.append(F.pad(rows, pad))
+    return torch.cat(blocks)
+
+
+@shaped(lambda weight, extent, offsets, steps: (*weight.shape[:2], *extent))
+def place_kernel(
+    weight: Tensor, extent: Sequence[int], offsets: Sequence[int], steps: Sequence[int]
+) -> Tensor:
+    """Zero-pad ``weight`` ``[O, I, k…]`` into ``[O, I, *extent]`` (float64).
+
+    Tap ``j`` of spatial dim ``i`` lands at ``offsets[i] + j·steps[i]``: a step above 1 spreads
+    a dilated kernel onto a finer grid (``d − 1`` zeros between taps)."""
+    w = exact(weight)
+    if all(step == 1 for step in steps):
+        pad: list[int] = []
+        for k, offset, size in reversed(list(zip(w.shape[2:], offsets, extent, strict=True))):
+            pad += [offset, size - offset - k]
+        return F.pad(w, pad)
+    index = tuple(
+        slice(offset, offset + (k - 1) * step + 1, step)
+        for offset, step, k in zip(offsets, steps, w.shape[2:], strict=True)
+    )
+    placed = w.new_zeros((*w.shape[:2], *extent))
+    placed[(slice(None), slice(None), *index)] = w
+    return placed
+
+
+@shaped(
+    lambda kernels, scales, *, in_channels, groups, new_groups, extent, offsets, steps: (
+        int(kernels[0].shape[0]),
+        in_channels // new_groups,
+        *extent,
+    )
+)
+def placed_sum(
+    kernels: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    *,
+    in_channels: int,
+    groups: Sequence[int],
+    new_groups: int,
+    extent: Sequence[int],
+    offsets: Sequence[Sequence[int]],
+    steps: Sequence[Sequence[int]],
+) -> Tensor:
+    """``Σ aᵢ · place(expand_groups(Wᵢ))``: the merged kernel of branches reading one input."""
+    total: Tensor | None = None
+    for kernel, scale, g, offset, step in zip(kernels, scales, groups, offsets, steps, strict=True):
+        placed = place_kernel(
+            expand_groups(kernel, in_channels, g, new_groups), extent, offset, step
+        )
+        term = scale_kernel(placed, scale)
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+@shaped(lambda biases, scales, channels: (channels,))
+def merged_bias(biases: Sequence[Tensor | None], scales: Sequence[Tensor], channels: int) -> Tensor:
+    """``Σ aᵢ · bᵢ`` per channel, float64 ``(channels,)`` (a missing ``bᵢ`` is 0)."""
+    total = torch.zeros(channels, dtype=torch.float64, device=exact(scales[0]).device)
+    for bias, scale in zip(biases, scales, strict=True):
+        if bias is not None:
+            total = total + channel_vector(bias, channels).to(total.device) * channel_vector(
+                scale, channels
+            ).to(total.device)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Composition, pooling
+# --------------------------------------------------------------------------------------------
+
+
+@shaped(
+    lambda outer, inner, *, groups=1: (
+        int(outer.shape[0]),
+        int(inner.shape[1]),
+        *outer.shape[2:],
+    )
+)
+def compose_kernels(outer: Tensor, inner: Tensor, *, groups: int = 1) -> Tensor:
+    """The kernel of ``outer ⋆ (inner ⋆ x)`` where ``inner`` is pointwise (a 1×1 conv or a
+    linear layer, ``[M, I/g]``) and ``outer`` any kernel ``[O, M/g, k…]``, both with ``groups``
+    groups: ``W[o, i, …] = Σ_m outer[o, m, …] · inner[m, i]`` within each group."""
+    w2, w1 = exact(outer), exact(inner).to(exact(outer).device)
+    w1 = w1.reshape(w1.shape[0], w1.shape[1])
+    out_channels, mid_per_group = w2.shape[0], w2.shape[1]
+    in_per_group = w1.shape[1]
+    o_g, m_g = out_channels // groups, mid_per_group
+    a = w2.reshape(groups, o_g, m_g, -1)
+    b = w1.reshape(groups, m_g, in_per_group)
+    composed = torch.einsum("gomk,gmi->goik", a, b)
+    return composed.reshape(out_channels, in_per_group, *w2.shape[2:])
+
+
+@shaped(lambda outer, outer_bias, inner_bias, *, groups=1: (int(outer.shape[0]),))
+def compose_bias(
+    outer: Tensor, outer_bias: Tensor | None, inner_bias: Tensor | None, *, groups: int = 1
+) -> Tensor:
+    """``b = b₂ + Σ_m (Σ_taps W₂[o, m, …]) · b₁[m]`` within each group."""
+    w2 = exact(outer)
+    out_channels = w2.shape[0]
+    b = torch.zeros(out_channels, dtype=torch.float64, device=w2.device)
+    if inner_bias is not None:
+        b = input_shift_bias(w2, None, inner_bias, groups=groups)
+    if outer_bias is not None:
+        b = b + channel_vector(outer_bias, out_channels).to(b.device)
+    return b
+
+
+def average_kernel(channels: int, kernel_size: Sequence[int], divisor: int | None = None) -> Tensor:
+    """Average pooling as a depthwise kernel ``[C, 1, k…]`` of ``1/Πk`` (or ``1/divisor``)."""
+    taps = math.prod(kernel_size) if divisor is None else divisor
+    return torch.full((channels, 1, *kernel_size), 1.0 / taps, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Windows: where each branch's taps land
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -159,8 +446,7 @@ class Window:
     """How a conv samples one spatial dim.
 
     Output position ``o`` reads input positions ``o·s − left + j·dilation`` for taps
-    ``j = 0 … kernel−1``; ``left``/``right`` are the padding (negative: a crop).
-    """
+    ``j = 0 … kernel−1``; ``left``/``right`` are the padding (negative: a crop)."""
 
     kernel: int
     dilation: int
@@ -182,8 +468,7 @@ class Window:
 class MergedWindow:
     """The window of a merged conv, and where each branch's taps land inside it.
 
-    Branch ``i``'s tap ``j`` becomes merged tap ``offsets[i] + j·steps[i]``.
-    """
+    Branch ``i``'s tap ``j`` becomes merged tap ``offsets[i] + j·steps[i]``."""
 
     kernel: int
     dilation: int
@@ -202,8 +487,7 @@ def align_windows(windows: Sequence[Window]) -> MergedWindow:
     dilation keep it. The right padding ``max right_i`` keeps the output size.
 
     All windows must have the same ``size_offset`` (same output size for every input size);
-    the caller checks that and gives the reason when they do not.
-    """
+    the caller checks that and gives the reason when they do not."""
     if not windows:
         raise ValueError("no windows to align")
     if len({w.size_offset for w in windows}) != 1:
@@ -224,52 +508,3 @@ def align_windows(windows: Sequence[Window]) -> MergedWindow:
     )
     right = max(w.right for w in windows)
     return MergedWindow(kernel, dilation, left, right, offsets, steps)
-
-
-def place_kernel(
-    weight: Tensor, extent: Sequence[int], offsets: Sequence[int], steps: Sequence[int]
-) -> Tensor:
-    """Zero-pad ``weight`` ``[O, I, k…]`` into ``[O, I, *extent]`` (float64).
-
-    Tap ``j`` of spatial dim ``i`` lands at ``offsets[i] + j·steps[i]``: a step above 1 spreads
-    a dilated kernel onto a finer grid (``d − 1`` zeros between taps).
-    """
-    placed = exact(weight).new_zeros((*weight.shape[:2], *extent))
-    add_placed(placed, weight, offsets, steps)
-    return placed
-
-
-def add_placed(
-    target: Tensor,
-    weight: Tensor,
-    offsets: Sequence[int],
-    steps: Sequence[int],
-    scale: Tensor | None = None,
-) -> None:
-    """``target += place_kernel(weight) · scale`` in place, without building the placed kernel.
-
-    ``target`` is float64 ``[O, I, *extent]``; ``scale`` (optional) is per output channel.
-    """
-    index = tuple(
-        slice(offset, offset + (k - 1) * step + 1, step)
-        for offset, step, k in zip(offsets, steps, weight.shape[2:], strict=True)
-    )
-    view = target[(slice(None), slice(None), *index)]
-    source = _on_math_device(weight).to(target.device)
-    if scale is None:
-        view.add_(source)
-    else:
-        view.addcmul_(source, scale.to(target).reshape(-1, *[1] * (source.dim() - 1)))
-
-
-def add_diagonal(target: Tensor, scale: Tensor, groups: int, centre: Sequence[int]) -> None:
-    """``target[c, c mod (C/g), *centre] += scale[c]`` in place: a per-channel map added to a
-    conv kernel (see :func:`diagonal_kernel`)."""
-    channels = scale.numel()
-    per_group = channels // groups
-    index = torch.arange(channels, device=target.device)
-    target.index_put_(
-        (index, index % per_group, *[torch.tensor(c, device=target.device) for c in centre]),
-        exact(scale).reshape(-1).to(target.device),
-        accumulate=True,
-    )

@@ -1,4 +1,4 @@
-"""Declarative rewrite rules and the bounded fixpoint driver that runs them.
+"""Declarative rewrite rules, what they see, and the bounded fixpoint driver that runs them.
 
 A rule is three small methods (after onnxscript's rewriter and MLIR's DRR):
 
@@ -8,15 +8,22 @@ A rule is three small methods (after onnxscript's rewriter and MLIR's DRR):
   ends up in the report, so a user learns why a block did not fuse.
 - :meth:`Rule.rewrite` builds the replacement of ``match.root`` and checks nothing.
 
-:class:`RuleSet` groups rules into stages; :meth:`RuleSet.run` runs each stage with a worklist
-(every node once, then only what a rewrite touched) and repeats the stages until a full round
-changes nothing. The number of rewrites and rounds is bounded: a rule set that does not settle
-raises :class:`ConvergenceError` naming the rule that kept firing.
+Rules see the graph through a :class:`RewriteContext`: views of its ops as linear maps
+(:mod:`fxfuse.maps`), weights as expressions of its constants (:mod:`fxfuse.weights`), its
+effects (:mod:`fxfuse.effects`) and proven ranks (:mod:`fxfuse.layout`), and a few ways to
+build nodes. :class:`RuleSet` groups rules into stages; :meth:`RuleSet.run` runs each stage
+with a worklist (every node once, then only what a rewrite touched) and repeats the stages
+until a full round changes nothing. The driver applies each rewrite as a :class:`Transaction`
+— checked for effects it would change, optionally validated on random inputs
+(:mod:`fxfuse.validate`), rolled back when refused. The number of rewrites and rounds is
+bounded: a rule set that does not settle raises :class:`ConvergenceError` naming the rule
+that kept firing.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,24 +42,38 @@ from torch.nn.modules.padding import (
     _ReflectionPadNd,
     _ReplicationPadNd,
 )
+from torch.nn.modules.pooling import _AvgPoolNd
 
-from fxfuse.effects import Effects, reads_metadata_only, value_users
+from fxfuse import kernels
+from fxfuse.effects import Effects, register_pure, run_pure, value_users
 from fxfuse.errors import ConvergenceError
-from fxfuse.ops import (
-    BatchNormView,
+from fxfuse.geometry import Geometry
+from fxfuse.layout import Ranks
+from fxfuse.maps import (
+    Affine,
     Combination,
-    ConvGeometry,
-    ConvView,
     FusedLayer,
-    as_batch_norm,
+    Layer,
+    Refusal,
+    as_affine,
     as_combination,
-    as_conv,
+    as_layer,
     fused_layer,
 )
 from fxfuse.report import Decline, Rewrite
 from fxfuse.validate import RewriteValidator
+from fxfuse.weights import Weight, apply, const, evaluate, leaf
 
-__all__ = ["Attempt", "FusionOptions", "Match", "RewriteContext", "Rule", "RuleSet", "Stage"]
+__all__ = [
+    "FusionOptions",
+    "Match",
+    "RewriteContext",
+    "Rule",
+    "RuleSet",
+    "Stage",
+    "Transaction",
+    "weight_of",
+]
 
 log = logging.getLogger("fxfuse")
 
@@ -85,7 +106,7 @@ class Match:
 
     ``excluded`` lists nodes the pattern saw but left out, with the reason (a branch whose
     output has another consumer, say); they are reported as declines. ``absorbed`` lists the
-    nodes that disappear with the root and have its shape (see :func:`fxfuse.ops.value_users`).
+    nodes that disappear with the root and have its shape (see :func:`fxfuse.effects.value_users`).
     """
 
     root: Node
@@ -165,6 +186,12 @@ class RuleSet:
             Stage(s.name, s.rules + rules) if s.name == target else s for s in self.stages
         )
 
+    def without(self, *names: str) -> RuleSet:
+        """A copy without the rules named ``names``."""
+        return RuleSet(
+            Stage(s.name, tuple(r for r in s.rules if r.name not in names)) for s in self.stages
+        )
+
     @property
     def rules(self) -> tuple[Rule[Any], ...]:
         return tuple(r for s in self.stages for r in s.rules)
@@ -184,113 +211,32 @@ class RuleSet:
 
         Every stage has a worklist that starts with every node; a rewrite queues what it
         touched (the new node, its users and the sums above them, the users of what died) for
-        every stage, and stages run in turn until all worklists are empty.
-        """
-        budget = 4 * len(ctx.graph.nodes) + 64
-        ctx._begin(len(self.stages), ctx.graph.nodes)
-        for _ in range(ctx.options.max_rounds):
-            for index, stage in enumerate(self.stages):
-                _run_stage(stage, index, ctx, budget)
-            if ctx._settled():
-                return
-        raise ConvergenceError(
-            f"rules still firing after {ctx.options.max_rounds} rounds "
-            f"(counts so far: {dict(ctx.counts)}); a rule set that does not settle is a bug"
-        )
+        every stage, and stages run in turn until all worklists are empty."""
+        _Driver(ctx, self).run()
 
 
-def _run_stage(stage: Stage, index: int, ctx: RewriteContext, budget: int) -> None:
-    while (node := ctx._next(index)) is not None:
-        for rule in stage.rules:
-            if node.op not in rule.ops:
-                continue
-            if _try_rule(rule, node, ctx):
-                if len(ctx.rewrites) > budget:
-                    raise ConvergenceError(
-                        f"more than {budget} rewrites on a graph of {len(ctx.graph.nodes)} "
-                        f"nodes; rule {rule.name!r} keeps firing (last at {node.name})"
-                    )
-                break
+# --------------------------------------------------------------------------------------------
+# Graph functions rules may leave in the graph until emission
+# --------------------------------------------------------------------------------------------
 
 
-SHAPE_CYCLE = "the rewritten value would depend on the shape of a node it removes"
+@register_pure
+def weight_of(weight: Weight) -> Tensor:
+    """A weight expression's value as a graph value (emission turns it into an attribute, or
+    into the nodes computing it on every call)."""
+    return evaluate(weight)
 
 
-@dataclass
-class Attempt:
-    """A rewrite in progress and what undoing it needs: where its nodes start, and the counts
-    and constants from before it."""
-
-    root: Node
-    before: Node  # the node before ``root`` when the rewrite began
-    counts: Counter[str]
-    attributes: frozenset[str]
-
-    def created(self) -> list[Node]:
-        """The nodes the rewrite inserted (they all sit just before ``root``), in order."""
-        nodes, node = [], self.before.next
-        while node is not self.root:
-            nodes.append(node)
-            node = node.next
-        return nodes
+@register_pure
+def at_least_rank(x: Tensor, rank: int) -> Tensor:
+    """``x`` with leading size-1 dims up to ``rank``: what broadcasting against a rank-``rank``
+    constant does to an unbatched value, kept where a fold removed the constant."""
+    return x.reshape((1,) * (rank - x.dim()) + tuple(x.shape)) if x.dim() < rank else x
 
 
-def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
-    ctx._forget(rule, node)
-    for match in rule.matches(node, ctx):
-        for subject, why in match.excluded:
-            ctx._decline(rule, subject, why, sticky=True)
-        reason = rule.check(match, ctx)
-        if reason is not None:
-            ctx._decline(rule, match.root, reason)
-            log.debug("%s declined at %s: %s", rule.name, match.root.name, reason)
-            continue
-        detail = rule.describe(match)
-        root = match.root
-        root_name = root.name
-        attempt = ctx._attempt(root)
-        try:
-            with ctx.graph.inserting_before(root):
-                new = rule.rewrite(match, ctx)
-        except Exception as error:
-            if ctx.validator is None:
-                raise
-            ctx._roll_back(attempt)  # with checking on, a faulty rule must not take the model
-            ctx.validator.fail(rule, match, f"its rewrite raised {type(error).__name__}: {error}")
-            continue
-        created = attempt.created()
-        readers = ctx._metadata_readers(match, new)
-        moved = ctx._dependents_before(new, [r for r, _, _ in readers if r < new])
-        cycle = set(moved)
-        if not cycle.isdisjoint(created) or not cycle.isdisjoint(new.all_input_nodes):
-            ctx._roll_back(attempt)  # the replacement needs the shape of a node it removes
-            ctx._decline(rule, root, SHAPE_CYCLE)
-            continue
-        conflict = ctx._effect_conflict(match, created, new)
-        if conflict is not None:
-            ctx._roll_back(attempt)
-            ctx._decline(rule, root, conflict)
-            continue
-        if ctx.validator is not None and not ctx.validator.check(rule, match, new, attempt):
-            continue  # it differs from what it replaces on random inputs: rolled back, declined
-        ctx.replace(root, new, readers, moved)
-        ctx.counts[rule.name] += 1
-        ctx.rewrites.append(Rewrite(rule.name, root_name, detail))
-        log.debug("%s at %s: %s", rule.name, root_name, detail)
-        return True
-    return False
-
-
-_ERASABLE_MODULES = (
-    _ConvNd,
-    nn.Linear,
-    nn.Identity,
-    _DropoutNd,
-    _ConstantPadNd,
-    _ReflectionPadNd,
-    _ReplicationPadNd,
-    _CircularPadNd,
-)
+# --------------------------------------------------------------------------------------------
+# What rules see
+# --------------------------------------------------------------------------------------------
 
 
 class RewriteContext:
@@ -298,6 +244,8 @@ class RewriteContext:
 
     It resolves constants (attributes of the module, or graph inputs bound to tensors when the
     graph comes from ``torch.compile``), so views and rules never read modules themselves.
+    With ``live`` weights (the compile backend), bound inputs may change between calls: every
+    weight read from them stays an expression emitted into the graph, never a value baked in.
     """
 
     def __init__(
@@ -306,11 +254,14 @@ class RewriteContext:
         root: nn.Module,
         options: FusionOptions | None = None,
         bound: dict[Node, Tensor] | None = None,
+        *,
+        live: bool = False,
     ):
         self.graph = graph
         self.root = root
         self.options = options or FusionOptions()
         self.bound = bound or {}
+        self.live = live
         # attributes fxfuse adds (new constants), by target; emission owns them
         self.attributes: dict[str, Any] = {}
         self.counts: Counter[str] = Counter()
@@ -318,25 +269,85 @@ class RewriteContext:
         self._declines: dict[tuple[str, Node], tuple[str, bool]] = {}
         self._declining_rules: set[str] = set()
         self._modules: dict[str, nn.Module] = dict(root.named_modules())
+        self._weights: dict[Node, Weight | None] = {}
+        self._candidates: dict[Node, bool] = {}
+        self._module_weights: dict[str, Weight | None] = {}
         self.effects = Effects(graph, self.module, self._held)
-        self._queues: list[deque[Node]] = []
-        self._queued: list[set[Node]] = []
+        self.rank = Ranks(self.module, self._held)
+        for node in graph.nodes:  # (in order: each node's inputs are decided before it)
+            self._may_be_constant(node)
         self.validator: RewriteValidator | None = (
             RewriteValidator(self) if self.options.validate_rewrites else None
         )
 
-    # -- constants --------------------------------------------------------------------------
+    # -- constants ---------------------------------------------------------------------------
 
-    def tensor(self, arg: Any) -> Tensor | None:
-        """The tensor ``arg`` always holds (an attribute or a bound input), else ``None``:
-        never one the graph may change in place, through any alias (see :mod:`fxfuse.effects`).
-        """
+    def weight(self, arg: Any) -> Weight | None:
+        """``arg`` as a constant weight: a Python number, an attribute or a bound input nothing
+        writes (see :mod:`fxfuse.effects`), or a pure, deterministic op of such constants
+        (``rsqrt(running_var + eps)`` in a frozen batch norm); ``None`` when it may vary."""
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return const(float(arg))
         if not isinstance(arg, Node):
             return None
-        value = self._held(arg)
-        if value is not None and self.effects.written(arg):
-            return None  # the graph (or code it calls) may change it: not a constant
-        return value
+        if arg not in self._weights:
+            self._weights[arg] = self._constant(arg)
+        return self._weights[arg]
+
+    def _may_be_constant(self, node: Node) -> bool:
+        """Whether ``node`` is an attribute, a bound input or made from such only (computed
+        once, forward, so that asking about an activation never walks the graph)."""
+        found = self._candidates.get(node)
+        if found is None:
+            if node.op == "call_function" and node.target is weight_of:
+                found = True
+            elif node.op in ("get_attr", "placeholder"):
+                found = self._held(node) is not None
+            elif node.op in ("call_function", "call_method"):
+                inputs = node.all_input_nodes
+                found = bool(inputs) and all(self._may_be_constant(i) for i in inputs)
+            else:
+                found = False
+            self._candidates[node] = found
+        return found
+
+    def _constant(self, node: Node) -> Weight | None:
+        if not self._may_be_constant(node):
+            return None
+        if node.op == "call_function" and node.target is weight_of:
+            (weight,) = node.args
+            return weight if isinstance(weight, Weight) else None
+        held = self._held(node)
+        if held is not None:
+            if self.effects.written(node) or not held.is_floating_point():
+                return None  # the graph (or code it calls) may change it: not a constant
+            live = self.live and node.op == "placeholder"
+            return leaf(held, node=node, live=live)
+        if node.op not in ("call_function", "call_method") or not node.all_input_nodes:
+            return None
+        effects = self.effects
+        if effects.writes(node) or effects.opaque(node) or effects.written(node):
+            return None
+        if any(user.op == "output" for user in node.users):
+            return None  # handed to the caller, who may change it: fresh on every call
+        weights = {n: self.weight(n) for n in node.all_input_nodes}
+        if any(w is None for w in weights.values()):
+            return None
+        fn = _callable(node)
+        args, kwargs = _substitute((node.args, node.kwargs), weights)
+        try:  # evaluated once: refused if it is random or writes (asked of the aten ops)
+            values = _substitute(
+                (node.args, node.kwargs), {n: evaluate(w) for n, w in weights.items()}
+            )  # type: ignore[union-attr]
+            result = run_pure(fn, *values)
+        except Exception:
+            return None
+        if not isinstance(result, Tensor) or not result.is_floating_point():
+            return None
+        largest = max(w.numel() for w in weights.values())  # type: ignore[union-attr]
+        if result.numel() > GROWTH_LIMIT * max(largest, 1):
+            return None  # (expand, repeat: never materialize a big tensor from a small one)
+        return apply(fn, *args, result=result, **kwargs)
 
     def _held(self, node: Node) -> Tensor | None:
         """The tensor an attribute or a bound input holds, constant or not."""
@@ -344,6 +355,33 @@ class RewriteContext:
             value = self.attribute(str(node.target))
             return value if isinstance(value, Tensor) else None
         return self.bound.get(node)
+
+    def module_weight(self, path: str, name: str) -> Weight | None:
+        """A module's own parameter or buffer (``conv.weight``) as a weight, ``None`` if the
+        graph may change it."""
+        key = f"{path}.{name}" if path else name
+        if key not in self._module_weights:
+            tensor = getattr(self.module(path), name)
+            written = self.effects.written_tensor(tensor)
+            self._module_weights[key] = None if written else leaf(tensor, path=key)
+        return self._module_weights[key]
+
+    def number(self, arg: Any) -> float | None:
+        """A Python number, or ``t.item()`` of a constant tensor (dynamo lifts a module's float
+        attributes, like a batch norm's ``eps``, to graph inputs under ``dynamic=True``)."""
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return float(arg)
+        if isinstance(arg, Node) and arg.op == "call_method" and arg.target == "item":
+            held = self._held(arg.args[0]) if isinstance(arg.args[0], Node) else None
+            if held is not None and held.numel() == 1 and not self.effects.written(arg.args[0]):
+                return float(held)
+        return None
+
+    def tensors(self) -> Iterator[Tensor]:
+        """The model's parameters and buffers, then the bound inputs."""
+        yield from self.root.parameters()
+        yield from self.root.buffers()
+        yield from self.bound.values()
 
     def module(self, target: str) -> nn.Module:
         """The submodule a ``call_module`` target names."""
@@ -363,42 +401,56 @@ class RewriteContext:
         except AttributeError:
             return None
 
-    # -- views -----------------------------------------------------------------------------
+    # -- views -------------------------------------------------------------------------------
 
-    def conv(self, node: Node) -> ConvView | None:
-        return as_conv(node, self)
+    def layer(self, node: Node) -> Layer | None:
+        """``node`` as a layer (conv, transposed conv, linear, pooling…), or ``None``."""
+        found = as_layer(node, self)
+        return found if isinstance(found, Layer) else None
 
-    def batch_norm(self, node: Node) -> BatchNormView | None:
-        return as_batch_norm(node, self)
+    def affine(self, node: Node) -> Affine | None:
+        """``node`` as a batch norm (an affine map when it uses running statistics)."""
+        found = as_affine(node, self)
+        return found if isinstance(found, Affine) else None
+
+    def refusal(self, node: Node) -> str | None:
+        """Why ``node``, an op fxfuse knows, cannot be read as a map (``None`` if it can be,
+        or is no such op)."""
+        for view in (as_layer, as_affine):
+            found = view(node, self)
+            if isinstance(found, Refusal):
+                return found.reason
+        return None
 
     def combination(self, node: Node) -> Combination | None:
         return as_combination(node, self)
 
     def shape(self, node: Node) -> torch.Size | None:
-        """The node's shape where the graph carries it (``meta["val"]``/``tensor_meta``)."""
+        """The node's shape where the graph carries it (``meta["val"]``/``tensor_meta``): one
+        example's evidence, never a proof for other inputs."""
         val = node.meta.get("val", node.meta.get("example_value"))
         if isinstance(val, Tensor):
             return val.shape
         meta = node.meta.get("tensor_meta")
         return getattr(meta, "shape", None)
 
-    # -- building (call these from Rule.rewrite: nodes go before the match's root) ----------
+    # -- building (call these from Rule.rewrite: nodes go before the match's root) ------------
 
     def fused(
         self,
         input: Node,
         *,
         kind: str,
-        weight: Tensor,
-        bias: Tensor | None,
-        geometry: ConvGeometry | None,
-        like: ConvView,
+        weight: Weight,
+        bias: Weight | None,
+        geometry: Geometry | None,
+        like: Layer,
         sources: Sequence[str],
         name: str,
         requires_grad: bool | None = None,
     ) -> Node:
-        """A new layer computing ``weight ⋆ input + bias`` exactly (float64), in ``like``'s dtype
-        and device."""
+        """A new layer computing ``weight ⋆ input + bias`` exactly (float64), in ``like``'s
+        dtype and device."""
         layer = FusedLayer(
             kind,
             weight,
@@ -422,76 +474,250 @@ class RewriteContext:
         self.attributes[name] = value.detach().clone()
         return self.graph.get_attr(name)
 
+    def weight_node(self, weight: Weight, like: Layer) -> Node:
+        """A graph value holding ``weight`` in ``like``'s dtype and device (a constant; with
+        live weights, computed on every call)."""
+        meta = torch.empty(weight.shape, dtype=like.dtype, device="meta")
+        cast = apply(kernels.cast, weight, result=meta, dtype=like.dtype, device=like.device)
+        return self.graph.call_function(weight_of, (cast,))
+
     def count(self, name: str, n: int = 1) -> None:
-        """Count a sub-event for the report (e.g. an identity turned into a kernel)."""
+        """Count a sub-event for the report."""
         self.counts[name] += n
 
-    # -- graph surgery (the driver's) --------------------------------------------------------
+    def declines(self) -> list[Decline]:
+        """Declines that still stand, in graph order; one per rule and reason."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        live = [(k, v) for k, v in self._declines.items() if k[1] in order]
+        live.sort(key=lambda kv: (order[kv[0][1]], kv[0][0]))
+        seen: set[tuple[str, str]] = set()
+        result = []
+        for (rule, node), (reason, _) in live:
+            if (rule, reason) not in seen:
+                seen.add((rule, reason))
+                result.append(Decline(rule, node.name, reason))
+        return result
 
-    def replace(
-        self,
-        old: Node,
-        new: Node,
-        readers: Sequence[tuple[Node, Node, Node]] = (),
-        moved: Sequence[Node] = (),
-    ) -> None:
-        """Point every user of ``old`` at ``new``, and each metadata ``reader`` of an absorbed
-        node too (after moving the ``moved`` nodes behind ``new``); drop what became dead;
-        requeue what may match now."""
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in old.meta and key not in new.meta:
-                new.meta[key] = old.meta[key]
-        old.replace_all_uses_with(new)
-        self.effects.replaced(old, new)
-        for reader, node, target in readers:
-            reader.replace_input_with(node, target)
-        for node in reversed(moved):
-            new.append(node)
-        self._erase_dead(old)
-        self._push(new)
-        for user in new.users:
-            self._push_upwards(user)
+    def decline(self, rule: Rule[Any], subject: Node, reason: str, sticky: bool = False) -> None:
+        """Record that ``rule`` declined at ``subject`` because of ``reason`` (a sticky decline
+        stays even when the rule later fires at that node for another match)."""
+        self._declines[(rule.name, subject)] = (reason, sticky)
+        self._declining_rules.add(rule.name)
 
-    def _attempt(self, root: Node) -> Attempt:
-        return Attempt(root, root.prev, Counter(self.counts), frozenset(self.attributes))
 
-    def _roll_back(self, attempt: Attempt) -> None:
-        """Erase what a rewrite inserted and forget its constants and counts."""
-        for node in reversed(attempt.created()):
-            self.graph.erase_node(node)
-        for target in set(self.attributes) - attempt.attributes:
-            del self.attributes[target]
-        self.counts.clear()
-        self.counts.update(attempt.counts)
+GROWTH_LIMIT = 4
 
-    @staticmethod
-    def _metadata_readers(match: Match, new: Node) -> list[tuple[Node, Node, Node]]:
-        """``(reader, node, target)`` for every user that only reads the metadata of a node
-        the rewrite removes: ``target`` is the new node of the same shape it should read."""
-        targets = {node: new for node in match.absorbed}
-        targets.update(match.redirects)
-        return [
-            (user, node, target)
-            for node, target in targets.items()
-            for user in node.users
-            if reads_metadata_only(user, node)
-        ]
 
-    @staticmethod
-    def _dependents_before(anchor: Node, early: Sequence[Node]) -> list[Node]:
-        """``early`` and every node before ``anchor`` that depends on them, in graph order:
-        what must move behind ``anchor`` once ``early`` reads it."""
-        if not early:
-            return []
-        moving: set[Node] = set(early)
-        ordered = []
-        node = min(early)
-        while node is not anchor:
-            if node in moving or any(i in moving for i in node.all_input_nodes):
-                moving.add(node)
-                ordered.append(node)
+def _callable(node: Node) -> Callable[..., Any]:
+    if node.op == "call_method":
+        name = str(node.target)
+        return lambda self_arg, *rest, **kwargs: getattr(self_arg, name)(*rest, **kwargs)
+    assert callable(node.target)
+    return node.target
+
+
+def _substitute(value: Any, env: dict[Node, Any]) -> Any:
+    if isinstance(value, Node):
+        return env[value]
+    if isinstance(value, tuple):
+        return tuple(_substitute(v, env) for v in value)
+    if isinstance(value, list):
+        return [_substitute(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, env) for k, v in value.items()}
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Transactions: a rewrite, applied or undone as a whole
+# --------------------------------------------------------------------------------------------
+
+
+class Transaction:
+    """A rewrite in progress and what undoing it needs: where its nodes start, and the counts
+    and constants from before it. The driver and the validator both use it."""
+
+    def __init__(self, ctx: RewriteContext, root: Node):
+        self.ctx = ctx
+        self.root = root
+        self.before = root.prev  # the node before ``root`` when the rewrite began
+        self._counts = Counter(ctx.counts)
+        self._attributes = frozenset(ctx.attributes)
+
+    def created(self) -> list[Node]:
+        """The nodes the rewrite inserted (they all sit just before ``root``), in order."""
+        nodes, node = [], self.before.next
+        while node is not self.root:
+            nodes.append(node)
             node = node.next
-        return ordered
+        return nodes
+
+    def roll_back(self) -> None:
+        """Erase what the rewrite inserted and forget its constants and counts."""
+        for node in reversed(self.created()):
+            self.ctx.graph.erase_node(node)
+        for target in set(self.ctx.attributes) - self._attributes:
+            del self.ctx.attributes[target]
+        self.ctx.counts.clear()
+        self.ctx.counts.update(self._counts)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+SHAPE_CYCLE = "the rewritten value would depend on the shape of a node it removes"
+
+_ERASABLE_MODULES = (
+    _ConvNd,
+    nn.Linear,
+    nn.Identity,
+    _DropoutNd,
+    _AvgPoolNd,
+    _ConstantPadNd,
+    _ReflectionPadNd,
+    _ReplicationPadNd,
+    _CircularPadNd,
+)
+
+
+class _Driver:
+    """Runs a rule set on a context: worklists, transactions, replacement and dead code."""
+
+    def __init__(self, ctx: RewriteContext, rules: RuleSet):
+        self.ctx = ctx
+        self.rules = rules
+        self.budget = 4 * len(ctx.graph.nodes) + 64
+        order = list(ctx.graph.nodes)
+        self.queues = [deque(order) for _ in rules.stages]
+        self.queued = [set(order) for _ in rules.stages]
+
+    def run(self) -> None:
+        ctx = self.ctx
+        for _ in range(ctx.options.max_rounds):
+            for index, stage in enumerate(self.rules.stages):
+                self._run_stage(stage, index)
+            if not any(self.queues):
+                return
+        raise ConvergenceError(
+            f"rules still firing after {ctx.options.max_rounds} rounds "
+            f"(counts so far: {dict(ctx.counts)}); a rule set that does not settle is a bug"
+        )
+
+    def _run_stage(self, stage: Stage, index: int) -> None:
+        while (node := self._next(index)) is not None:
+            for rule in stage.rules:
+                if node.op not in rule.ops:
+                    continue
+                if self._try(rule, node):
+                    if len(self.ctx.rewrites) > self.budget:
+                        raise ConvergenceError(
+                            f"more than {self.budget} rewrites on a graph of "
+                            f"{len(self.ctx.graph.nodes)} nodes; rule {rule.name!r} keeps "
+                            f"firing (last at {node.name})"
+                        )
+                    break
+
+    def _try(self, rule: Rule[Any], node: Node) -> bool:
+        ctx = self.ctx
+        self._forget(rule, node)
+        for match in rule.matches(node, ctx):
+            for subject, why in match.excluded:
+                ctx.decline(rule, subject, why, sticky=True)
+            reason = rule.check(match, ctx)
+            if reason is not None:
+                ctx.decline(rule, match.root, reason)
+                log.debug("%s declined at %s: %s", rule.name, match.root.name, reason)
+                continue
+            if self._apply(rule, match):
+                return True
+        return False
+
+    def _apply(self, rule: Rule[Any], match: Match) -> bool:
+        ctx = self.ctx
+        root = match.root
+        root_name = root.name
+        detail = rule.describe(match)
+        transaction = Transaction(ctx, root)
+        try:
+            with ctx.graph.inserting_before(root):
+                new = rule.rewrite(match, ctx)
+        except Exception as error:
+            if ctx.validator is None:
+                raise
+            transaction.roll_back()  # with checking on, a faulty rule must not take the model
+            self._fail(rule, match, f"its rewrite raised {type(error).__name__}: {error}")
+            return False
+        created = transaction.created()
+        readers = _metadata_readers(match, new)
+        moved = _dependents_before(new, [r for r, _, _ in readers if r < new])
+        cycle = set(moved)
+        if not cycle.isdisjoint(created) or not cycle.isdisjoint(new.all_input_nodes):
+            transaction.roll_back()  # the replacement needs the shape of a node it removes
+            ctx.decline(rule, root, SHAPE_CYCLE)
+            return False
+        conflict = self._effect_conflict(match, created, new)
+        if conflict is not None:
+            transaction.roll_back()
+            ctx.decline(rule, root, conflict)
+            return False
+        if ctx.validator is not None:
+            failure = ctx.validator.check(transaction, new, self.dying(root, [*created, new]))
+            if failure is not None:  # it differs from what it replaces on random inputs
+                transaction.roll_back()
+                self._fail(rule, match, failure)
+                return False
+        self._replace(root, new, readers, moved)
+        ctx.counts[rule.name] += 1
+        ctx.rewrites.append(Rewrite(rule.name, root_name, detail))
+        log.debug("%s at %s: %s", rule.name, root_name, detail)
+        return True
+
+    def _fail(self, rule: Rule[Any], match: Match, reason: str) -> None:
+        assert self.ctx.validator is not None
+        log.warning("fxfuse: %s at %s failed validation: %s", rule.name, match.root.name, reason)
+        self.ctx.decline(rule, match.root, f"failed validation: {reason}")
+        self.ctx.validator.record_failure(rule.name, match.root.name, reason)
+
+    # -- effects -----------------------------------------------------------------------------
+
+    def _effect_conflict(self, match: Match, created: Sequence[Node], new: Node) -> str | None:
+        """Why replacing ``match.root`` by ``created`` would change an effect, or ``None``.
+
+        - The replacement runs where the root was: it reads its inputs there, where the ops it
+          replaces read them earlier. A write to one of those inputs (through any alias) in
+          between would change what it reads.
+        - A root that updates a value in place others can see must stay an update of that value
+          (some new node writes it), unless the rule vouches that, as matched, it writes
+          nothing (``Match.writes_nothing``: dropout in eval mode)."""
+        effects = self.ctx.effects
+        root = match.root
+        effects.added(created)
+        made = set(created)
+        reads = {i for n in created for i in n.all_input_nodes if i not in made}
+        if new not in made:
+            reads.add(new)  # the rewrite hands an existing value to the root's users
+        for n in created:  # weights a fused layer reads at run time (live ones)
+            reads.update(_weight_nodes(n))
+        start = min(self.dying(root, [*created, new]))
+        writer = effects.first_write_between(start, root, reads, ignore=made)
+        if writer is not None:
+            return (
+                f"{writer.name} changes a value in place between the ops this would merge; "
+                "moving them past it would change what they read"
+            )
+        if match.writes_nothing:
+            return None
+        kept = {t for n in made for t in effects.writes(n)}
+        for target in effects.writes(root):
+            if target not in kept and not effects.private(target, root):
+                return (
+                    f"{root.name} updates {target.name} in place, which other code can see; "
+                    "the rewrite would lose that update"
+                )
+        return None
+
+    # -- replacing ---------------------------------------------------------------------------
 
     def dying(self, root: Node, keep: Sequence[Node]) -> set[Node]:
         """``root`` and the nodes that die once it is replaced: those all of whose value users
@@ -506,46 +732,23 @@ class RewriteContext:
             node = stack.pop()
             if node in dying or node in kept or not self._removable(node):
                 continue
-            if all(user in dying for user in value_users(node)):
+            users = value_users(node)
+            if all(user in dying or self._dead_write(user, node, dying) for user in users):
                 dying.add(node)
+                dying.update(u for u in users if u not in dying)
                 stack.extend(node.all_input_nodes)
         return dying
 
-    def _effect_conflict(self, match: Match, created: Sequence[Node], new: Node) -> str | None:
-        """Why replacing ``match.root`` by ``created`` would change an effect, or ``None``.
-
-        - The replacement runs where the root was: it reads its inputs there, where the ops it
-          replaces read them earlier. A write to one of those inputs (through any alias) in
-          between would change what it reads.
-        - A root that updates a value in place others can see must stay an update of that value
-          (some new node writes it), unless the rule vouches that, as matched, it writes
-          nothing (``Match.writes_nothing``: dropout in eval mode)."""
-        root = match.root
-        self.effects.added(created)
-        made = set(created)
-        reads = {i for n in created for i in n.all_input_nodes if i not in made}
-        if new not in made:
-            reads.add(new)  # the rewrite hands an existing value to the root's users
-        start = min(self.dying(root, [*created, new]))
-        writer = self.effects.first_write_between(start, root, reads, ignore=made)
-        if writer is not None:
-            return (
-                f"{writer.name} changes a value in place between the ops this would merge; "
-                "moving them past it would change what they read"
-            )
-        if match.writes_nothing:
-            return None
-        kept = {t for n in made for t in self.effects.writes(n)}
-        for target in self.effects.writes(root):
-            if target not in kept and not self.effects.private(target, root):
-                return (
-                    f"{root.name} updates {target.name} in place, which other code can see; "
-                    "the rewrite would lose that update"
-                )
-        return None
-
-    def _erasable(self, node: Node) -> bool:
-        return not node.users and self._removable(node)
+    def _dead_write(self, user: Node, of: Node, dying: set[Node]) -> bool:
+        """A write into ``of`` nobody reads once ``dying`` is gone (the border writes of a
+        value padding whose reader is folded away)."""
+        return (
+            not user.users
+            and user.op == "call_function"
+            and user.target is operator.setitem
+            and user.args[0] is of
+            and all(u in dying or u.target is operator.setitem for u in of.users)
+        )
 
     def _removable(self, node: Node) -> bool:
         """Whether the driver erases ``node`` once nothing uses it."""
@@ -554,11 +757,35 @@ class RewriteContext:
         if node.op == "get_attr":
             return True
         if node.op == "call_module":
-            module = self.module(str(node.target))
+            module = self.ctx.module(str(node.target))
             return isinstance(module, _ERASABLE_MODULES) or (
                 isinstance(module, _BatchNorm) and not module.training
             )
-        return self.effects.pure(node)
+        return self.ctx.effects.pure(node)
+
+    def _replace(
+        self,
+        old: Node,
+        new: Node,
+        readers: Sequence[tuple[Node, Node, Node]] = (),
+        moved: Sequence[Node] = (),
+    ) -> None:
+        """Point every user of ``old`` at ``new``, and each metadata ``reader`` of an absorbed
+        node too (after moving the ``moved`` nodes behind ``new``); drop what became dead;
+        requeue what may match now."""
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in old.meta and key not in new.meta:
+                new.meta[key] = old.meta[key]
+        old.replace_all_uses_with(new)
+        self.ctx.effects.replaced(old, new)
+        for reader, node, target in readers:
+            reader.replace_input_with(node, target)
+        for node in reversed(moved):
+            new.append(node)
+        self._erase_dead(old)
+        self._push(new)
+        for user in new.users:
+            self._push_upwards(user)
 
     def _erase_dead(self, node: Node) -> None:
         """Erase ``node`` (a replaced root: a rule vouched for replacing it, even if torch
@@ -566,16 +793,21 @@ class RewriteContext:
         stack = [node]
         while stack:
             n = stack.pop()
-            if getattr(n, "_erased", False) or n.users:
+            if getattr(n, "_erased", False):
+                continue
+            if n.users and all(self._dead_write(u, n, set()) for u in n.users):
+                for write in list(n.users):
+                    self.ctx.graph.erase_node(write)
+            if n.users:
                 continue
             if not (n is node and n.op not in ("placeholder", "output")) and not self._removable(n):
                 continue
             inputs = n.all_input_nodes
-            self.graph.erase_node(n)
-            for rule_name in self._declining_rules:  # a few names, not every decline
-                self._declines.pop((rule_name, n), None)
+            self.ctx.graph.erase_node(n)
+            for rule_name in self.ctx._declining_rules:  # a few names, not every decline
+                self.ctx._declines.pop((rule_name, n), None)
             for i in inputs:
-                if i.users:
+                if i.users and not all(self._dead_write(u, i, set()) for u in i.users):
                     for user in i.users:  # its user count changed: patterns may match now
                         self._push_upwards(user)
                 else:
@@ -583,16 +815,8 @@ class RewriteContext:
 
     # -- worklist ----------------------------------------------------------------------------
 
-    def _begin(self, stages: int, nodes: Iterable[Node]) -> None:
-        order = list(nodes)
-        self._queues = [deque(order) for _ in range(stages)]
-        self._queued = [set(order) for _ in range(stages)]
-
-    def _settled(self) -> bool:
-        return not any(self._queues)
-
     def _next(self, stage: int) -> Node | None:
-        queue, queued = self._queues[stage], self._queued[stage]
+        queue, queued = self.queues[stage], self.queued[stage]
         while queue:
             node = queue.popleft()
             queued.discard(node)
@@ -603,7 +827,7 @@ class RewriteContext:
     def _push(self, node: Node) -> None:
         if getattr(node, "_erased", False):
             return
-        for queue, queued in zip(self._queues, self._queued, strict=True):
+        for queue, queued in zip(self.queues, self.queued, strict=True):
             if node not in queued:
                 queue.append(node)
                 queued.add(node)
@@ -617,26 +841,60 @@ class RewriteContext:
                 return
             node = users[0]
 
-    # -- declines ----------------------------------------------------------------------------
-
-    def _decline(self, rule: Rule[Any], subject: Node, reason: str, sticky: bool = False) -> None:
-        self._declines[(rule.name, subject)] = (reason, sticky)
-        self._declining_rules.add(rule.name)
-
     def _forget(self, rule: Rule[Any], node: Node) -> None:
-        entry = self._declines.get((rule.name, node))
+        entry = self.ctx._declines.get((rule.name, node))
         if entry is not None and not entry[1]:
-            del self._declines[(rule.name, node)]
+            del self.ctx._declines[(rule.name, node)]
 
-    def declines(self) -> list[Decline]:
-        """Declines that still stand, in graph order; one per rule and reason."""
-        order = {n: i for i, n in enumerate(self.graph.nodes)}
-        live = [(k, v) for k, v in self._declines.items() if k[1] in order]
-        live.sort(key=lambda kv: (order[kv[0][1]], kv[0][0]))
-        seen: set[tuple[str, str]] = set()
-        result = []
-        for (rule, node), (reason, _) in live:
-            if (rule, reason) not in seen:
-                seen.add((rule, reason))
-                result.append(Decline(rule, node.name, reason))
-        return result
+
+def _weight_nodes(node: Node) -> list[Node]:
+    """The graph nodes a fused layer's (or weight value's) live weights read on every call."""
+    from fxfuse.weights import Leaf, _weights_in
+
+    found: list[Node] = []
+
+    def visit(w: Weight) -> None:
+        if isinstance(w, Leaf) and w.node is not None:
+            found.append(w.node)
+        for child in _weights_in((getattr(w, "args", ()), getattr(w, "kwargs", {}))):
+            visit(child)
+
+    for arg in node.args:
+        if isinstance(arg, FusedLayer):
+            visit(arg.weight)
+            if arg.bias is not None:
+                visit(arg.bias)
+        elif isinstance(arg, Weight):
+            visit(arg)
+    return found
+
+
+def _metadata_readers(match: Match, new: Node) -> list[tuple[Node, Node, Node]]:
+    """``(reader, node, target)`` for every user that only reads the metadata of a node the
+    rewrite removes: ``target`` is the new node of the same shape it should read."""
+    from fxfuse.effects import reads_metadata_only
+
+    targets = {node: new for node in match.absorbed}
+    targets.update(match.redirects)
+    return [
+        (user, node, target)
+        for node, target in targets.items()
+        for user in node.users
+        if reads_metadata_only(user, node)
+    ]
+
+
+def _dependents_before(anchor: Node, early: Sequence[Node]) -> list[Node]:
+    """``early`` and every node before ``anchor`` that depends on them, in graph order: what
+    must move behind ``anchor`` once ``early`` reads it."""
+    if not early:
+        return []
+    moving: set[Node] = set(early)
+    ordered = []
+    node = min(early)
+    while node is not anchor:
+        if node in moving or any(i in moving for i in node.all_input_nodes):
+            moving.add(node)
+            ordered.append(node)
+        node = node.next
+    return ordered

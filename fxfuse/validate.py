@@ -42,7 +42,7 @@ from fxfuse.compare import compare_outputs
 from fxfuse.report import Decline
 
 if TYPE_CHECKING:
-    from fxfuse.rules import Attempt, Match, RewriteContext, Rule
+    from fxfuse.rules import RewriteContext, Transaction
 
 __all__ = ["RewriteValidator"]
 
@@ -61,7 +61,8 @@ class _BatchStatistics(Exception):
 
 
 class RewriteValidator:
-    """Checks each rewrite against the subgraph it replaces, and rolls back those that fail."""
+    """Checks each rewrite against the subgraph it replaces; the driver rolls back those that
+    fail (their :class:`~fxfuse.rules.Transaction`) and records them here."""
 
     def __init__(self, ctx: RewriteContext, seed: int = 0):
         self.ctx = ctx
@@ -71,29 +72,19 @@ class RewriteValidator:
         self.failures: list[Decline] = []
         self._device = _default_device(ctx)
 
-    def check(self, rule: Rule[Any], match: Match, new: Node, attempt: Attempt) -> bool:
-        """Whether the replacement ``new`` (built in ``attempt``) computes what ``match.root``
-        does; if not, the rewrite is rolled back and the decline recorded."""
-        failure = self._check(attempt, new)
-        if failure is None:
-            return True
-        self.ctx._roll_back(attempt)
-        self.fail(rule, match, failure)
-        return False
-
-    # -- checking ----------------------------------------------------------------------------
-
-    def _check(self, attempt: Attempt, new: Node) -> str | None:
-        created = attempt.created()
-        dying = self.ctx.dying(attempt.root, keep=[*created, new])
-        old_order, old_frontier = _closure(attempt.root, dying)
+    def check(self, transaction: Transaction, new: Node, dying: set[Node]) -> str | None:
+        """Why the replacement ``new`` (built in ``transaction``) does not compute what the
+        ``dying`` subgraph rooted at ``transaction.root`` does, or ``None``."""
+        root = transaction.root
+        created = transaction.created()
+        old_order, old_frontier = _closure(root, dying)
         new_order, new_frontier = _closure(new, set(created))
         try:
             frontier = list(dict.fromkeys(old_frontier + new_frontier))
             for trial in range(TRIALS):
-                env = self._draw(frontier, attempt.root.name, trial)
+                env = self._draw(frontier, root.name, trial)
                 try:
-                    expected = _evaluate(old_order, dict(env), self.ctx)[attempt.root]
+                    expected = _evaluate(old_order, dict(env), self.ctx)[root]
                 except _BatchStatistics as bn:
                     return (
                         f"it replaces {bn}, a batch norm in training mode (batch statistics: "
@@ -111,18 +102,23 @@ class RewriteValidator:
                 if comparison.failure is not None:
                     shapes = ", ".join(f"{n.name} {tuple(env[n].shape)}" for n in frontier)
                     return (
-                        f"the replacement differs from {attempt.root.name} on random inputs "
+                        f"the replacement differs from {root.name} on random inputs "
                         f"({shapes or 'no inputs'}): {comparison.failure.detail}; rolled back"
                     )
         except _Uncheckable as why:
             self.stats["not checkable"] += 1
-            log.debug("rewrite at %s not checked: %s", attempt.root.name, why)
+            log.debug("rewrite at %s not checked: %s", root.name, why)
             return None
         for node in created:  # later rewrites may read these nodes' shapes
             if isinstance(values.get(node), Tensor):
                 node.meta["tensor_meta"] = _extract_tensor_metadata(values[node])
         self.stats["validated"] += 1
         return None
+
+    def record_failure(self, rule: str, node: str, reason: str) -> None:
+        """A rewrite that failed (and was rolled back), for the report."""
+        self.stats["rolled back"] += 1
+        self.failures.append(Decline(rule, node, f"failed validation: {reason}"))
 
     def _draw(self, frontier: Iterable[Node], where: str, trial: int) -> dict[Node, Any]:
         seed = zlib.crc32(f"{self.seed}:{where}:{trial}".encode())
@@ -141,15 +137,6 @@ class RewriteValidator:
             values = torch.randn(tuple(shape), generator=generator, dtype=torch.float64)
             env[node] = values.to(device=_device_of(node, self._device), dtype=dtype)
         return env
-
-    # -- failing -----------------------------------------------------------------------------
-
-    def fail(self, rule: Rule[Any], match: Match, reason: str) -> None:
-        self.stats["rolled back"] += 1
-        log.warning("fxfuse: %s at %s failed validation: %s", rule.name, match.root.name, reason)
-        self.ctx._decline(rule, match.root, f"failed validation: {reason}")
-        self.failures.append(Decline(rule.name, match.root.name, f"failed validation: {reason}"))
-        return None
 
 
 def _closure(output: Node, inside: set[Node]) -> tuple[list[Node], list[Node]]:

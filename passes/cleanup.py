@@ -17,10 +17,10 @@ from torch import nn
 from torch.fx import Node
 from torch.nn.modules.dropout import _DropoutNd
 
-from fxfuse.ops import aten, bind_arguments, inherits_forward
+from fxfuse.dialects import aten, bind, inherits_forward
 from fxfuse.rules import Match, RewriteContext, Rule
 
-__all__ = ["DropDropout", "DropIdentity"]
+__all__ = ["DropEvalDropout", "DropIdentity"]
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _dropout(node: Node, x: Node, training: bool, p: float) -> PassThrough:
     return PassThrough(node, input=x, training=training, p=p, writes_nothing=off)
 
 
-class DropDropout(Rule[PassThrough]):
+class DropEvalDropout(Rule[PassThrough]):
     """``dropout(x) -> x`` where dropout is off: eval mode, or ``p = 0``."""
 
     name = "drop-eval-dropout"
@@ -76,7 +76,7 @@ class DropDropout(Rule[PassThrough]):
             if isinstance(module, _DropoutNd) and inherits_forward(module):
                 yield _dropout(node, node.args[0], module.training, float(module.p))
         elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
-            args = bind_arguments(node.target, node)
+            args = bind(node.target, node)
             if args is None or not isinstance(args["input"], Node):
                 return
             training = args.get("training", args.get("train", True))

@@ -4,34 +4,32 @@
 
 Models compute things from their weights at run time — torchvision's ``FrozenBatchNorm2d``
 builds ``scale = γ·rsqrt(var + eps)`` and ``bias = β − μ·scale`` on every call, weight
-standardization rescales a kernel — and the other rules can only fold what they can read as a
-tensor. Evaluating those ops once turns ``conv(x) * scale + bias`` into something the merge
-rule folds into the conv. The op runs exactly as the model would run it (same dtypes).
+standardization rescales a kernel. The views already read such values as weight expressions
+(:meth:`~fxfuse.rules.RewriteContext.weight`), so the other rules fold them wherever they meet
+a layer; this rule computes what is left once, so the fused model does not recompute it on
+every call. The op runs exactly as the model would run it (same dtypes), after
+:func:`fxfuse.effects.run_pure` has checked that it draws no random numbers and writes nothing.
+
+With live weights (the ``torch.compile`` backend) nothing is computed once: weights may change
+between calls, so the rule does not match.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-from torch import Tensor
 from torch.fx import Node
-from torch.fx.node import map_arg
 
-from fxfuse.effects import run_pure
 from fxfuse.rules import Match, RewriteContext, Rule
+from fxfuse.weights import Apply, evaluate
 
 __all__ = ["FoldConstants"]
-
-# An op may make its result bigger than its inputs (expand, repeat): never materialize more
-# than this many times the largest input.
-GROWTH_LIMIT = 4
 
 
 @dataclass
 class ConstantOp(Match):
-    value: Tensor
+    value: Apply
 
 
 class FoldConstants(Rule[ConstantOp]):
@@ -39,49 +37,18 @@ class FoldConstants(Rule[ConstantOp]):
 
     name = "fold-constants"
     formula = "f(c1, c2, ...) -> c"
+    ops = frozenset({"call_function", "call_method"})
 
     def matches(self, node: Node, ctx: RewriteContext) -> Iterator[ConstantOp]:
-        if node.op not in ("call_function", "call_method") or not node.users:
+        if ctx.live or not node.users:
             return
-        if node.target is getattr or not node.all_input_nodes:
-            return  # (metadata reads stay)
-        effects = ctx.effects
-        if effects.writes(node) or effects.opaque(node) or effects.written(node):
-            return  # it writes, runs unknown code, or its result is changed in place later
-        if any(user.op == "output" for user in node.users):
-            return  # handed to the caller, who may change it: it must be fresh on every call
-        values = {}
-        for n in node.all_input_nodes:
-            value = ctx.tensor(n)
-            if value is None:
-                return
-            values[n] = value
-        # Whether an op of constants gives one tensor of sensible size is part of what it
-        # *is*, so the pattern evaluates it (there is no condition left to check).
-        # (run_pure refuses random ops and writes, asking the operators themselves)
-        try:
-            result = run_pure(
-                _callable(node),
-                map_arg(node.args, values.__getitem__),
-                map_arg(node.kwargs, values.__getitem__),
-            )
-        except Exception:
-            return
-        largest = max(t.numel() for t in values.values())
-        if isinstance(result, Tensor) and result.numel() <= GROWTH_LIMIT * max(largest, 1):
-            yield ConstantOp(node, value=result)
+        value = ctx.weight(node)
+        if isinstance(value, Apply):  # (a Leaf is an attribute already)
+            yield ConstantOp(node, value=value)
 
     def rewrite(self, match: ConstantOp, ctx: RewriteContext) -> Node:
-        return ctx.constant(match.value, "folded")
+        return ctx.constant(evaluate(match.value), "folded")
 
     def describe(self, match: ConstantOp) -> str:
         target = match.root.target
         return f"{getattr(target, '__name__', target)}(constants) -> constant"
-
-
-def _callable(node: Node) -> Callable[..., Any]:
-    if node.op == "call_method":
-        name = str(node.target)
-        return lambda self_arg, *rest, **kwargs: getattr(self_arg, name)(*rest, **kwargs)
-    assert callable(node.target)
-    return node.target

@@ -1,13 +1,22 @@
-"""conv-bn fold: an eval-mode batch norm after a conv, transposed conv or linear layer.
+"""fold-bn: an eval-mode batch norm after a conv, transposed conv or linear layer; and after a
+sum of them.
 
-A batch norm with running statistics is the per-channel affine ``scale · y + shift`` with
-``scale = γ / sqrt(var + eps)`` and ``shift = β − μ · scale``; folded into the layer before it::
+A batch norm with running statistics is the per-channel affine ``a · y + t`` with
+``a = γ / sqrt(var + eps)`` and ``t = β − μ · a``; folded into the layer before it::
 
-    W' = W · scale   (per output channel; dim 1 per group for a transposed conv)
-    b' = b · scale + shift
+    # bn(layer(x)) -> layer'(x)
+    W' = W · a   (per output channel; dim 1 per group for a transposed conv)
+    b' = b · a + t
 
-After a sum of convs that cannot merge (different inputs, a merge that would cost too much),
-the same affine distributes over the sum: ``bn(Σ cᵢ·convᵢ) = Σ (scale·cᵢ)·convᵢ + shift``.
+After a sum of layers that cannot merge (different inputs, a merge that would cost too much),
+the same affine distributes over the sum::
+
+    # bn(Σ cᵢ·layerᵢ(xᵢ) + k) -> Σ layerᵢ'(xᵢ)
+    Wᵢ' = Wᵢ · a·cᵢ,   b' = Σ bᵢ·a·cᵢ + a·k + t
+
+A batch norm normalizes dim 1. That is a conv's channel axis for the batched inputs fxfuse
+assumes for convs; it is a linear layer's feature axis only where the program proves the
+output is 2-d (:mod:`fxfuse.layout`), so a linear layer folds only then.
 """
 
 from __future__ import annotations
@@ -16,57 +25,23 @@ import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
 from torch.fx import Node
 
-from fxfuse.kernels import batch_norm_affine, scale_output_channels
-from fxfuse.ops import (
-    BatchNormView,
-    Combination,
-    ConvView,
-    channel_vector,
-    constant_value,
-    value_users,
-)
+from fxfuse import kernels
+from fxfuse.effects import value_users
+from fxfuse.maps import Affine, Combination, Layer, per_channel
 from fxfuse.rules import Match, RewriteContext, Rule
+from fxfuse.weights import Weight, apply, mul
 
-__all__ = ["DistributeBatchNorm", "FoldBatchNorm"]
-
-
-@dataclass
-class LayerBatchNorm(Match):
-    layer: ConvView | None  # None: the batch norm reads something no layer can absorb
-    bn: BatchNormView
+__all__ = ["FoldBn", "FoldBnIntoBranches"]
 
 
-LINEAR_RANK_UNKNOWN = (
-    "a Linear's output may have more than two dims, and batch norm normalizes dim 1, not the "
-    "features: pass example_inputs so fxfuse can see it is 2-d"
-)
-
-
-def promotion_reason(combination: Combination, dtype: torch.dtype) -> str:
-    wider = [str(d) for d in combination.promoting(dtype)]
-    return (
-        f"a {', '.join(wider)} constant makes the {dtype} result {wider[0]}; a fused "
-        f"layer would keep {dtype}"
-    )
-
-
-def uses_batch_stats_reason(bn: BatchNormView) -> str:
-    return (
-        "batch norm uses batch statistics (training mode or track_running_stats=False), so it "
-        "is not a fixed affine map; call .eval() on a batch norm that tracks running statistics"
-    )
-
-
-def other_users(node: Node, but: Node) -> str:
+def _others(node: Node, but: Node) -> str:
     others = [u.name for u in value_users(node) if u is not but]
     return ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
 
 
-def describe_producer(node: Node, ctx: RewriteContext) -> str:
+def _producer(node: Node, ctx: RewriteContext) -> str:
     """``cat (torch.cat)``, ``relu (ReLU)``, ``x (a graph input)``: what made a value."""
     if node.op == "placeholder":
         return f"{node.name} (a graph input)"
@@ -77,13 +52,40 @@ def describe_producer(node: Node, ctx: RewriteContext) -> str:
     return f"{node.name} ({node.op} {node.target})"
 
 
-def scaled_layer(
-    ctx: RewriteContext, layer: ConvView, scale: Tensor, shift: Tensor | None, bn: BatchNormView
+def channel_axis_reason(layer: Layer, bn: Affine, value: Node, ctx: RewriteContext) -> str | None:
+    """Why ``bn``'s dim 1 may not be ``layer``'s channel axis at ``value`` (its output), or
+    ``None``: for a conv it is (batched layout); a linear layer's features are its last dim,
+    dim 1 only for a 2-d output, which the program must prove."""
+    rank = ctx.rank(value)
+    shape = ctx.shape(value)
+    if layer.kind == "linear":
+        if rank != 2:
+            return (
+                "a Linear's output may have more than two dims, and batch norm normalizes dim "
+                "1, not the features; fxfuse folds it where the program fixes the rank "
+                "(flatten(x, 1), x.view(n, -1), a global pool)"
+            )
+        return None
+    if bn.ranks is not None and layer.ndim + 2 not in bn.ranks:
+        return f"a {layer.ndim}-d layer's output cannot feed this batch norm"
+    if (rank is not None and rank != layer.ndim + 2) or (
+        shape is not None and len(shape) != layer.ndim + 2
+    ):
+        return (
+            f"the {layer.describe()} output has {rank or len(shape or ())} dims: batch norm "
+            "would normalize dim 1, which is not its channel dim"
+        )
+    return None
+
+
+def folded(
+    ctx: RewriteContext, layer: Layer, scale: Weight, shift: Weight | None, extra: tuple[str, ...]
 ) -> Node:
-    """A new layer computing ``scale · layer(x) + shift`` (``bn``'s affine, folded)."""
-    weight, bias = scale_output_channels(
-        layer.weight, layer.bias, scale, shift, transposed=layer.transposed, groups=layer.groups
+    """A new layer computing ``scale · layer(x) + shift``."""
+    weight = apply(
+        kernels.scale_kernel, layer.weight, scale, transposed=layer.transposed, groups=layer.groups
     )
+    bias = apply(kernels.affine_bias, layer.bias, scale, shift, layer.out_channels)
     return ctx.fused(
         layer.input,
         kind=layer.kind,
@@ -91,22 +93,28 @@ def scaled_layer(
         bias=bias,
         geometry=layer.geometry,
         like=layer,
-        sources=layer.sources + bn.sources,
+        sources=layer.sources + extra,
         name=layer.name,
     )
 
 
-class FoldBatchNorm(Rule[LayerBatchNorm]):
-    """``bn(conv(x)) -> conv'(x)``: ``W' = W·γ/σ``, ``b' = (b − μ)·γ/σ + β``."""
+@dataclass
+class LayerBatchNorm(Match):
+    layer: Layer | None  # None: the batch norm reads something no layer can absorb
+    bn: Affine
+
+
+class FoldBn(Rule[LayerBatchNorm]):
+    """``bn(layer(x)) -> layer'(x)``: ``W' = W·γ/σ``, ``b' = (b − μ)·γ/σ + β``."""
 
     name = "fold-bn"
     formula = "bn(conv(x)) -> conv'(x)"
 
     def matches(self, node: Node, ctx: RewriteContext) -> Iterator[LayerBatchNorm]:
-        bn = ctx.batch_norm(node)
+        bn = ctx.affine(node)
         if bn is None:
             return
-        layer = ctx.conv(bn.input)
+        layer = ctx.layer(bn.input)
         if layer is not None:
             yield LayerBatchNorm(node, layer=layer, bn=bn, absorbed=[layer.node])
         elif ctx.combination(bn.input) is None:  # a sum is fold-bn-into-branches' to explain
@@ -114,40 +122,29 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
 
     def check(self, match: LayerBatchNorm, ctx: RewriteContext) -> str | None:
         layer, bn = match.layer, match.bn
-        if bn.uses_batch_stats:
-            return uses_batch_stats_reason(bn)
+        if bn.fixed is not None:
+            return bn.fixed
         if layer is None:
-            return f"its input {describe_producer(bn.input, ctx)} is not a conv or linear layer"
+            refused = ctx.refusal(bn.input)
+            if refused is not None:
+                return refused
+            return f"its input {_producer(bn.input, ctx)} is not a conv or linear layer"
         if len(value_users(layer.node)) != 1:
             return (
-                f"the {layer.describe()} output also feeds {other_users(layer.node, bn.node)}, "
+                f"the {layer.describe()} output also feeds {_others(layer.node, bn.node)}, "
                 "which must keep reading the unnormalized value"
             )
-        if bn.num_features != layer.out_channels:
+        if bn.channels != layer.out_channels:
             return (
-                f"batch norm has {bn.num_features} channels but the {layer.describe()} "
+                f"batch norm has {bn.channels} channels but the {layer.describe()} "
                 f"produces {layer.out_channels}"
             )
-        if bn.ndims is not None and layer.ndim not in bn.ndims:
-            return f"a {layer.ndim}-d layer's output cannot feed this batch norm"
-        shape = ctx.shape(layer.node)
-        if layer.kind == "linear" and shape is None:
-            return LINEAR_RANK_UNKNOWN
-        if shape is not None and len(shape) != layer.ndim + 2:
-            return (
-                f"the {layer.describe()} output has shape {tuple(shape)}: batch norm would "
-                "normalize dim 1, which is not its channel dim"
-            )
-        return None
+        return channel_axis_reason(layer, bn, layer.node, ctx)
 
     def rewrite(self, match: LayerBatchNorm, ctx: RewriteContext) -> Node:
         layer, bn = match.layer, match.bn
-        assert layer is not None
-        assert bn.running_mean is not None and bn.running_var is not None
-        scale, shift = batch_norm_affine(
-            bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
-        )
-        return scaled_layer(ctx, layer, scale, shift, bn)
+        assert layer is not None and bn.scale is not None
+        return folded(ctx, layer, bn.scale, bn.shift, bn.sources)
 
     def describe(self, match: LayerBatchNorm) -> str:
         layer = match.layer.describe() if match.layer is not None else "?"
@@ -156,25 +153,25 @@ class FoldBatchNorm(Rule[LayerBatchNorm]):
 
 @dataclass
 class BatchNormOfSum(Match):
-    bn: BatchNormView
+    bn: Affine
     combination: Combination
-    layers: list[ConvView | None]
+    layers: list[Layer | None]
 
 
-class DistributeBatchNorm(Rule[BatchNormOfSum]):
-    """``bn(Σ cᵢ·convᵢ(xᵢ)) -> Σ convᵢ'(xᵢ)``: ``Wᵢ' = Wᵢ·cᵢ·γ/σ``, shift into one bias."""
+class FoldBnIntoBranches(Rule[BatchNormOfSum]):
+    """``bn(Σ cᵢ·layerᵢ(xᵢ)) -> Σ layerᵢ'(xᵢ)``: ``Wᵢ' = Wᵢ·cᵢ·γ/σ``, shift into one bias."""
 
     name = "fold-bn-into-branches"
     formula = "bn(Σ cᵢ·convᵢ(xᵢ)) -> Σ convᵢ'(xᵢ)"
 
     def matches(self, node: Node, ctx: RewriteContext) -> Iterator[BatchNormOfSum]:
-        bn = ctx.batch_norm(node)
+        bn = ctx.affine(node)
         if bn is None or len(value_users(bn.input)) != 1:
             return
         combo = ctx.combination(bn.input)
         if combo is None:
             return
-        layers = [ctx.conv(term) for _, term in combo.terms]
+        layers = [ctx.layer(term) for _, term in combo.terms]
         if any(layer is not None for layer in layers):
             # the sum has the batch norm's shape; each branch's shape is its new layer's
             yield BatchNormOfSum(
@@ -182,65 +179,55 @@ class DistributeBatchNorm(Rule[BatchNormOfSum]):
             )
 
     def check(self, match: BatchNormOfSum, ctx: RewriteContext) -> str | None:
-        bn = match.bn
-        if bn.uses_batch_stats:
-            return uses_batch_stats_reason(bn)
-        anchor = match.combination.anchor
-        if anchor is not None:
+        bn, combo = match.bn, match.combination
+        if bn.fixed is not None:
+            return bn.fixed
+        if combo.anchor is not None:
             return (
-                f"the sum before it updates {anchor.name} in place, which other code sees; "
-                "the batch norm cannot move into it"
+                f"the sum before it updates {combo.anchor.name} in place, which other code "
+                "sees; the batch norm cannot move into it"
             )
         first = next(layer for layer in match.layers if layer is not None)
-        for (coefficient, term), layer in zip(match.combination.terms, match.layers, strict=True):
+        from_end = first.ndim + 1
+        for (coefficient, term), layer in zip(combo.terms, match.layers, strict=True):
             if layer is None or len(value_users(term)) != 1:
                 return (
                     f"the sum before it also adds {term.name}, which is not a conv the "
                     "batch norm can fold into"
                 )
-            if layer.out_channels != bn.num_features or layer.ndim != first.ndim:
+            if layer.out_channels != bn.channels or layer.ndim != first.ndim:
                 return (
-                    f"batch norm has {bn.num_features} channels, {layer.describe()} has "
+                    f"batch norm has {bn.channels} channels, {layer.describe()} has "
                     f"{layer.out_channels}"
                 )
-            if layer.kind == "linear" and ctx.shape(term) is None:
-                return LINEAR_RANK_UNKNOWN
-            if channel_vector(coefficient, bn.num_features, layer.ndim) is None:
+            if not per_channel(coefficient, bn.channels, from_end):
                 return f"the scale on {layer.describe()} is not per output channel"
-        for coefficient, operand in match.combination.constants:
-            value = constant_value(operand, ctx)
-            assert value is not None
-            if channel_vector(coefficient * value, bn.num_features, first.ndim) is None:
+        for constant in combo.constants:
+            if not per_channel(constant, bn.channels, from_end):
                 return "a constant in the sum is not per channel"
-        if match.combination.promotes(first.dtype):
-            return promotion_reason(match.combination, first.dtype)
-        shape = ctx.shape(match.combination.root)
-        if shape is not None and len(shape) != first.ndim + 2:
-            return f"the sum has shape {tuple(shape)}: batch norm would not normalize its channels"
-        return None
+        promoted = combo.promotion(first.dtype)
+        if promoted is not None:
+            return promoted
+        if (
+            combo.max_rank > first.ndim + 1
+            and ctx.rank(combo.root) is None
+            and first.kind == "linear"
+        ):
+            return "a scale of higher rank would change the output's rank"
+        return channel_axis_reason(first, bn, combo.root, ctx)
 
     def rewrite(self, match: BatchNormOfSum, ctx: RewriteContext) -> Node:
         bn, combo = match.bn, match.combination
-        assert bn.running_mean is not None and bn.running_var is not None
-        scale, shift = batch_norm_affine(
-            bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
-        )
-        channels = bn.num_features
-        ndim = next(layer.ndim for layer in match.layers if layer is not None)
-        for coefficient, operand in combo.constants:
-            value = constant_value(operand, ctx)
-            assert value is not None
-            vector = channel_vector(coefficient * value, channels, ndim)
-            assert vector is not None
-            shift = shift + scale * vector.to(scale.device)
+        assert bn.scale is not None
+        channels = bn.channels
+        shift: Weight | None = bn.shift
+        for constant in combo.constants:  # a·k + t
+            shift = apply(kernels.affine_bias, constant, bn.scale, shift, channels)
         total: Node | None = None
         for (coefficient, _), layer in zip(combo.terms, match.layers, strict=True):
             assert layer is not None
-            vector = channel_vector(coefficient, channels, layer.ndim)
-            assert vector is not None
-            node = scaled_layer(
-                ctx, layer, scale * vector.to(scale.device), shift if total is None else None, bn
-            )
+            scale = mul(bn.scale, apply(kernels.channel_vector, coefficient, channels))
+            node = folded(ctx, layer, scale, shift if total is None else None, bn.sources)
             match.redirects[layer.node] = node
             total = node if total is None else ctx.call(operator.add, total, node)
         assert total is not None

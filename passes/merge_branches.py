@@ -1,21 +1,25 @@
-"""pad-and-add branch merge: branches that read the same input and are summed become one conv.
+"""merge-branches: maps that read the same input and are summed become one layer.
 
-    # Σ cᵢ · convᵢ(x) + Σ cⱼ · diagⱼ(x) + Σ constants -> conv'(x)
+    # Σ cᵢ · layerᵢ(x) + Σ cⱼ · diagⱼ(x) + Σ constants -> layer'(x)
 
-Each branch is a conv (after folding), or a per-channel map of ``x`` (the identity, a batch
-norm, a constant scale: see :mod:`identity`). ``cᵢ`` are constant scales (scalars or
-per-channel tensors, from ``*``, ``/``, ``-`` and ``torch.add(alpha=)``). Per spatial dim,
-branch ``i`` with kernel ``k``, dilation ``d`` and left padding ``p`` reads input positions
-``o·s − p + j·d``. With ``P = max pᵢ``, its tap ``j`` is tap ``P − pᵢ + j·d`` of a conv with
-left padding ``P`` (see :func:`fxfuse.kernels.align_windows`), so::
+Each branch is a layer (after folding), a chain of two layers that composes into one
+(:func:`fxfuse.maps.as_chain`: DBB's 1×1 → k×k and 1×1 → avg-pool branches), or a
+per-channel
+map of ``x`` — the identity, a batch norm, a constant scale — whose kernel is zero except
+``W[c, c mod (C/g), centre] = a[c]`` for any ``g`` dividing ``C``. ``cᵢ`` are constant scales
+(scalars or per-channel tensors, from ``*``, ``/``, ``-`` and ``torch.add(alpha=)``). Per
+spatial dim, branch ``i`` with kernel ``k``, dilation ``d`` and left padding ``p`` reads input
+positions ``o·s − p + j·d``. With ``P = max pᵢ``, its tap ``j`` is tap ``P − pᵢ + j·d`` of a
+layer with left padding ``P`` (see :func:`fxfuse.kernels.align_windows`), so::
 
-    W' = Σ cᵢ · place(expand_groups(Wᵢ), offsetᵢ, stepᵢ)      b' = Σ cᵢ · bᵢ + constants
+    W' = Σ cᵢ · place(expand_groups(Wᵢ), offsetᵢ, stepᵢ) + Σ diag(cⱼ·aⱼ)
+    b' = Σ cᵢ·bᵢ + Σ cⱼ·tⱼ + k
 
 The merge is exact when every branch has the same stride and output size for every input
-size, branches that read padding share one padding mode, and channel counts agree. Convs with
-different groups merge at the coarsest common grouping, which costs multiply-adds: a merge
-that would cost more than ``FusionOptions.max_flops_ratio`` times the branches is declined.
-A branch whose output has another consumer cannot disappear, so it stays (and is reported).
+size, branches that read padding share what it holds, and channel counts agree. Layers with
+different groups merge at the coarsest common grouping, which costs multiply-adds: a merge that
+would cost more than ``FusionOptions.max_flops_ratio`` times the branches is declined. A branch
+whose output has another consumer cannot disappear, so it stays (and is reported).
 """
 
 from __future__ import annotations
@@ -26,65 +30,75 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from torch import Tensor
 from torch.fx import Node
 
-from fxfuse.kernels import (
-    MergedWindow,
-    Window,
-    add_diagonal,
-    add_placed,
-    align_windows,
-    exact,
-    expand_groups,
-)
-from fxfuse.ops import (
-    Combination,
-    ConvGeometry,
-    ConvView,
-    channel_vector,
-    constant_value,
-    value_users,
-)
-from fxfuse.rules import Match, RewriteContext, Rule
-
-from .fold_bn import (
-    LINEAR_RANK_UNKNOWN,
-    other_users,
-    promotion_reason,
-    uses_batch_stats_reason,
-)
-from .identity import RULE_NAME as IDENTITY_RULE
-from .identity import Diagonal, as_diagonal, diagonal_terms, identity
+from fxfuse import kernels
+from fxfuse.effects import value_users
+from fxfuse.geometry import Geometry
+from fxfuse.kernels import MergedWindow, Window, align_windows
+from fxfuse.maps import Chain, Combination, Layer, as_chain, per_channel
+from fxfuse.rules import Match, RewriteContext, Rule, at_least_rank
+from fxfuse.weights import Const, Weight, apply, const, is_one, mul
 
 __all__ = ["BranchGroup", "MergeBranches", "Term"]
 
-_IDENTITY_WINDOW = Window(1, 1, 0, 0)
+_POINT = Window(1, 1, 0, 0)
+
+
+@dataclass(frozen=True)
+class Diagonal:
+    """The per-channel map ``x ↦ a · x + t`` (``None``: 1 and 0, the identity)."""
+
+    label: str  # "identity" or "batch norm"
+    scale: Weight | None = None
+    shift: Weight | None = None
+    sources: tuple[str, ...] = ()
+
+    @property
+    def channels(self) -> int | None:
+        """Channel count the map fixes (``None``: any, the identity)."""
+        return None if self.scale is None else self.scale.numel()
+
+
+_IDENTITY = Diagonal("identity")
 
 
 @dataclass
 class Term:
     """One branch of a sum: ``coefficient · node``, where ``node`` reads ``input`` through a
-    conv or a per-channel map."""
+    layer (or a chain of two) or a per-channel map."""
 
-    coefficient: Tensor
+    coefficient: Weight
     node: Node
     input: Node
-    conv: ConvView | None = None
+    layer: Layer | None = None
+    chain: Chain | None = None
     diagonal: Diagonal | None = None
 
     def window(self, dim: int) -> Window:
-        if self.conv is None or self.conv.geometry is None:
-            return _IDENTITY_WINDOW
-        return self.conv.geometry.windows(self.conv.kernel_size)[dim]
+        if self.layer is None or self.layer.geometry is None:
+            return _POINT
+        return self.layer.geometry.windows(self.layer.kernel_size)[dim]
+
+    @property
+    def macs(self) -> int:
+        if self.chain is not None:
+            return self.chain.macs
+        if self.layer is not None:
+            return self.layer.macs
+        return 1
 
     def describe(self) -> str:
         c = self.coefficient
-        scale = (
-            "" if c.dim() == 0 and float(c) == 1 else (f"{float(c):g}·" if c.dim() == 0 else "s·")
-        )
-        assert self.conv is not None or self.diagonal is not None
-        return scale + (self.conv.describe() if self.conv else self.diagonal.label)
+        scale = ""
+        if not is_one(c):
+            scale = f"{float(c.tensor):g}·" if isinstance(c, Const) and c.dim() == 0 else "s·"
+        if self.chain is not None:
+            return scale + f"{self.chain.outer.describe()} ∘ {self.chain.inner.describe()}"
+        if self.layer is not None:
+            return scale + self.layer.describe()
+        assert self.diagonal is not None
+        return scale + self.diagonal.label
 
 
 @dataclass
@@ -94,13 +108,13 @@ class BranchGroup(Match):
     combination: Combination
     input: Node
     terms: list[Term]
-    constants: list[tuple[Tensor, Node | float]]  # folded into the merged bias
-    rest: list[tuple[Tensor, Node | float]] = field(default_factory=list)  # kept as they are
+    constants: list[Weight]  # folded into the merged bias
+    rest: list[tuple[Weight, Node | None]] = field(default_factory=list)  # kept as they are
     blocked: str | None = None  # why these branches, which read one input, cannot merge
 
     @property
-    def convs(self) -> list[ConvView]:
-        return [t.conv for t in self.terms if t.conv is not None]
+    def layers(self) -> list[Layer]:
+        return [t.layer for t in self.terms if t.layer is not None]
 
     @cached_property
     def plan(self) -> Plan:
@@ -109,7 +123,7 @@ class BranchGroup(Match):
 
 @dataclass(frozen=True)
 class Plan:
-    """Where each branch lands in the merged conv, and what the merged conv costs."""
+    """Where each branch lands in the merged layer, and what the merged layer costs."""
 
     windows: tuple[MergedWindow, ...]
     groups: int
@@ -117,49 +131,46 @@ class Plan:
 
     @classmethod
     def of(cls, group: BranchGroup) -> Plan:
-        first = group.convs[0]
+        first = group.layers[0]
         windows = tuple(
             align_windows([t.window(dim) for t in group.terms]) for dim in range(first.ndim)
         )
-        merged_groups = math.gcd(*(c.groups for c in group.convs))
+        merged_groups = math.gcd(*(layer.groups for layer in group.layers))
         taps = math.prod(w.kernel for w in windows)
-        merged = first.in_channels // merged_groups * taps
-        branches = sum(
-            t.conv.in_channels // t.conv.groups * math.prod(t.conv.kernel_size) if t.conv else 1
-            for t in group.terms
-        )
+        merged = first.out_channels * (first.in_channels // merged_groups) * taps
+        branches = sum(t.macs for t in group.terms)
         return cls(windows, merged_groups, merged / branches)
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
         return tuple(w.kernel for w in self.windows)
 
-    def geometry(self, like: ConvView, mode: str) -> ConvGeometry | None:
+    def geometry(self, like: Layer, mode: str, value: Weight | None) -> Geometry | None:
         if like.geometry is None:
             return None
-        return ConvGeometry(
+        return Geometry(
             like.geometry.stride,
             tuple((w.left, w.right) for w in self.windows),
             tuple(w.dilation for w in self.windows),
             self.groups,
             mode,
+            pad_value=value,
         )
 
 
-def _is_one(t: Tensor) -> bool:
-    return t.dim() == 0 and float(t) == 1.0
-
-
-def _padding_mode(group: BranchGroup) -> set[str]:
-    return {
-        c.geometry.padding_mode
-        for c in group.convs
-        if c.geometry is not None and c.geometry.reads_padding
-    }
+def _padding(group: BranchGroup) -> dict[str, list[Weight | None]]:
+    """What the branches that read padding pad with: mode -> values (for ``"value"``)."""
+    modes: dict[str, list[Weight | None]] = {}
+    for layer in group.layers:
+        geo = layer.geometry
+        if geo is not None and geo.reads_padding:
+            modes.setdefault(geo.padding_mode, []).append(geo.pad_value)
+    return modes
 
 
 class MergeBranches(Rule[BranchGroup]):
-    """``Σ cᵢ·convᵢ(x) + Σ cⱼ·diagⱼ(x) -> conv'(x)`` (pad-and-add, identity-to-kernel)."""
+    """``Σ cᵢ·layerᵢ(x) + Σ cⱼ·diagⱼ(x) -> layer'(x)`` (pad-and-add; identity and batch-norm
+    branches as diagonal kernels)."""
 
     name = "merge-branches"
     formula = "conv_a(x) + conv_b(x) + x -> conv'(x)"
@@ -179,17 +190,17 @@ class MergeBranches(Rule[BranchGroup]):
         for term in terms:
             by_input.setdefault(term.input, []).append(term)
         for x, members in by_input.items():
-            convs = [t.conv for t in members if t.conv is not None]
-            if not convs:
+            layers = [t.layer for t in members if t.layer is not None]
+            if not layers:
                 continue
-            folded, kept = [], []
-            for c, operand in combo.constants:
-                value = constant_value(operand, ctx)
-                assert value is not None
-                fits = channel_vector(c * value, convs[0].out_channels, convs[0].ndim)
-                (folded if fits is not None else kept).append((c, operand))
+            from_end = layers[0].ndim + 1
+            folded = [
+                c for c in combo.constants if per_channel(c, layers[0].out_channels, from_end)
+            ]
+            kept = [c for c in combo.constants if c not in folded]
             excluded = [(branch, why) for branch, reads, why in stays if reads is x]
-            trivial = len(members) == 1 and _is_one(members[0].coefficient) and not folded
+            trivial = len(members) == 1 and is_one(members[0].coefficient) and not folded
+            trivial = trivial and members[0].chain is None
             if trivial and excluded:  # nothing to merge because its siblings must stay
                 yield BranchGroup(
                     node,
@@ -201,29 +212,30 @@ class MergeBranches(Rule[BranchGroup]):
                 )
             if trivial:
                 continue
-            rest: list[tuple[Tensor, Node | float]] = [
+            rest: list[tuple[Weight, Node | None]] = [
                 (t.coefficient, t.node) for t in terms if t.input is not x
             ]
+            rest += [(c, None) for c in kept]
             yield BranchGroup(
                 node,
                 combination=combo,
                 input=x,
                 terms=members,
                 constants=folded,
-                rest=rest + kept,
+                rest=rest,
                 excluded=excluded,
                 # the interior of the sum has its shape only if nothing else is added in
-                absorbed=[] if rest + kept else list(combo.interior),
+                absorbed=[] if rest else list(combo.interior),
             )
         yield from _blocked_groups(node, combo, terms)
 
     def check(self, group: BranchGroup, ctx: RewriteContext) -> str | None:
         if group.blocked is not None:
             return group.blocked
-        convs = group.convs
-        first = convs[0]
+        layers = group.layers
+        first = layers[0]
         for reason in (
-            _check_layers(first, convs),
+            _check_layers(first, layers),
             _check_diagonals(group, first, ctx),
             _check_coefficients(group, first),
             _check_windows(group, first),
@@ -241,63 +253,71 @@ class MergeBranches(Rule[BranchGroup]):
         return None
 
     def rewrite(self, group: BranchGroup, ctx: RewriteContext) -> Node:
-        first = group.convs[0]
+        first = group.layers[0]
         plan = group.plan
-        channels, ndim = first.out_channels, first.ndim
-        weight = exact(first.weight).new_zeros(
-            (channels, first.in_channels // plan.groups, *plan.kernel_size)
-        )
-        bias = weight.new_zeros(channels)
+        channels = first.out_channels
+        extent = plan.kernel_size
+        parts: list[Weight] = []
+        biases: list[Weight | None] = []
+        scales: list[Weight] = []
+        layer_terms = [(i, t) for i, t in enumerate(group.terms) if t.layer is not None]
+        if layer_terms:
+            parts.append(
+                apply(
+                    kernels.placed_sum,
+                    tuple(t.layer.weight for _, t in layer_terms),  # type: ignore[union-attr]
+                    tuple(t.coefficient for _, t in layer_terms),
+                    in_channels=first.in_channels,
+                    groups=tuple(t.layer.groups for _, t in layer_terms),  # type: ignore[union-attr]
+                    new_groups=plan.groups,
+                    extent=extent,
+                    offsets=tuple(
+                        tuple(w.offsets[i] for w in plan.windows) for i, _ in layer_terms
+                    ),
+                    steps=tuple(tuple(w.steps[i] for w in plan.windows) for i, _ in layer_terms),
+                )
+            )
+            for _, t in layer_terms:
+                assert t.layer is not None
+                biases.append(t.layer.bias)
+                scales.append(t.coefficient)
         for i, term in enumerate(group.terms):
-            vector = channel_vector(term.coefficient, channels, ndim)
-            assert vector is not None
-            coefficient = vector.to(weight.device)
-            offsets = [w.offsets[i] for w in plan.windows]
-            if term.conv is not None:
-                conv = term.conv
-                kernel = conv.weight
-                if conv.groups != plan.groups:
-                    kernel = expand_groups(
-                        exact(kernel), conv.in_channels, conv.groups, plan.groups
-                    )
-                steps = [w.steps[i] for w in plan.windows]
-                add_placed(weight, kernel, offsets, steps, coefficient)
-                if conv.bias is not None:
-                    bias += coefficient * exact(conv.bias)
-            else:
-                assert term.diagonal is not None
-                scale, shift = diagonal_terms(term.diagonal, coefficient)
-                add_diagonal(weight, scale, plan.groups, offsets)
-                bias += shift.to(weight.device)
-                ctx.count(IDENTITY_RULE)
-        for c, operand in group.constants:
-            value = constant_value(operand, ctx)
-            assert value is not None
-            vector = channel_vector(c * value, channels, ndim)
-            assert vector is not None
-            bias += vector.to(bias.device)
-        modes = _padding_mode(group)
-        sources = [
-            s
-            for t in group.terms
-            for s in (t.conv.sources if t.conv else t.diagonal.sources if t.diagonal else ())
-        ]
+            if term.diagonal is None:
+                continue
+            d = term.diagonal
+            scale = term.coefficient if d.scale is None else mul(term.coefficient, d.scale)
+            centre = tuple(w.offsets[i] for w in plan.windows)
+            parts.append(
+                apply(kernels.diagonal_kernel, scale, channels, plan.groups, extent, centre)
+            )
+            if d.shift is not None:
+                biases.append(d.shift)
+                scales.append(term.coefficient)
+        for constant in group.constants:
+            biases.append(constant)
+            scales.append(const(1.0))
+        weight = parts[0] if len(parts) == 1 else apply(kernels.add, *parts)
+        bias = apply(kernels.merged_bias, tuple(biases), tuple(scales), channels)
+        mode, value = _merged_padding(group)
         merged = ctx.fused(
             group.input,
             kind=first.kind,
             weight=weight,
             bias=bias,
-            geometry=plan.geometry(first, modes.pop() if modes else "zeros"),
+            geometry=plan.geometry(first, mode, value),
             like=first,
-            sources=sources,
-            name=_merged_name([c.name for c in group.convs]),
-            requires_grad=any(c.requires_grad for c in group.convs),
+            sources=[s for t in group.terms for s in _sources(t)],
+            name=_merged_name([layer.name for layer in group.layers]),
+            requires_grad=any(layer.requires_grad for layer in group.layers),
         )
-        # the absorbed branches have the merged conv's shape (the checks ruled out broadcasting)
+        # the absorbed branches have the merged layer's shape (the checks ruled out broadcasting)
         group.redirects.update({t.node: merged for t in group.terms if t.node is not t.input})
         total = merged
         for c, operand in group.rest:
             total = _add_scaled(ctx, total, c, operand, first)
+        rank = group.combination.max_rank
+        if rank > first.ndim + 1 and (ctx.rank(group.combination.root) or 0) < rank:
+            total = ctx.call(at_least_rank, total, rank)  # an unbatched input grows a dim
         anchor = group.combination.anchor
         if anchor is not None:  # ``a += …`` whose ``a`` others see: still updated in place
             total = ctx.call(operator.iadd, anchor, total)
@@ -311,7 +331,7 @@ class MergeBranches(Rule[BranchGroup]):
 
     @staticmethod
     def _merged(group: BranchGroup) -> str:
-        first = group.convs[0]
+        first = group.layers[0]
         if first.geometry is None:
             return "linear"
         plan = group.plan
@@ -322,36 +342,58 @@ class MergeBranches(Rule[BranchGroup]):
         return text + (f" g{plan.groups}" if plan.groups != 1 else "")
 
 
+def _sources(term: Term) -> tuple[str, ...]:
+    if term.layer is not None:
+        return term.layer.sources
+    return term.diagonal.sources if term.diagonal is not None else ()
+
+
+def _merged_padding(group: BranchGroup) -> tuple[str, Weight | None]:
+    modes = _padding(group)
+    if not modes:
+        return "zeros", None
+    mode, values = next(iter(modes.items()))
+    return mode, values[0]
+
+
 def _classify(
-    coefficient: Tensor, node: Node, ctx: RewriteContext
+    coefficient: Weight, node: Node, ctx: RewriteContext
 ) -> tuple[Term, tuple[Node, str] | None]:
     """The term ``coefficient · node``; and, for a branch that must stay (its output has
     another consumer, its batch norm uses batch statistics), the input it reads and why."""
-    conv = ctx.conv(node)
-    if conv is not None and not conv.transposed:
-        if len(value_users(node)) == 1:
-            return Term(coefficient, node, conv.input, conv=conv), None
+    single = len(value_users(node)) == 1
+    chain = as_chain(node, ctx)
+    if isinstance(chain, Chain) and single:
+        return Term(coefficient, node, chain.layer.input, layer=chain.layer, chain=chain), None
+    layer = ctx.layer(node)
+    if layer is not None and not layer.transposed:
+        if single:
+            return Term(coefficient, node, layer.input, layer=layer), None
         why = (
-            f"the {conv.describe()} output also feeds {other_users(node, _sum_user(node))}, "
+            f"the {layer.describe()} output also feeds {_others(node)}, "
             "so it cannot disappear into the merged conv"
         )
-        return Term(coefficient, node, node, diagonal=identity()), (conv.input, why)
-    bn = ctx.batch_norm(node)
+        return Term(coefficient, node, node, diagonal=_IDENTITY), (layer.input, why)
+    bn = ctx.affine(node)
     if bn is not None:
-        found = as_diagonal(node, ctx)
-        if found is None:
-            return Term(coefficient, node, node, diagonal=identity()), (
-                bn.input,
-                uses_batch_stats_reason(bn),
-            )
-        if len(value_users(node)) == 1:
-            return Term(coefficient, node, found[0], diagonal=found[1]), None
+        if bn.fixed is not None:
+            return Term(coefficient, node, node, diagonal=_IDENTITY), (bn.input, bn.fixed)
+        if single:
+            diagonal = Diagonal("batch norm", bn.scale, bn.shift, bn.sources)
+            return Term(coefficient, node, bn.input, diagonal=diagonal), None
         why = (
-            f"the batch norm output also feeds {other_users(node, _sum_user(node))}, "
+            f"the batch norm output also feeds {_others(node)}, "
             "so it cannot disappear into the merged conv"
         )
-        return Term(coefficient, node, node, diagonal=identity()), (bn.input, why)
-    return Term(coefficient, node, node, diagonal=identity()), None
+        return Term(coefficient, node, node, diagonal=_IDENTITY), (bn.input, why)
+    return Term(coefficient, node, node, diagonal=_IDENTITY), None
+
+
+def _others(node: Node) -> str:
+    """The users of a branch other than the sum it is in (the first one's user, as good as
+    any: the sum's name changes as it is rewritten, and the reason should not)."""
+    others = [u.name for u in value_users(node)][1:]
+    return ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
 
 
 def _blocked_groups(root: Node, combo: Combination, terms: list[Term]) -> Iterator[BranchGroup]:
@@ -359,70 +401,64 @@ def _blocked_groups(root: Node, combo: Combination, terms: list[Term]) -> Iterat
     padding: they cannot merge, and the report should say which op stopped them."""
     by_source: dict[Node, list[Term]] = {}
     for term in terms:
-        barrier = term.conv.barrier if term.conv is not None else None
+        barrier = term.layer.barrier if term.layer is not None else None
         by_source.setdefault(barrier[0] if barrier else term.input, []).append(term)
     for source, members in by_source.items():
-        stopped = [t for t in members if t.conv is not None and t.conv.barrier is not None]
+        stopped = [t for t in members if t.layer is not None and t.layer.barrier is not None]
         if len(members) < 2 or not stopped:
             continue
-        assert stopped[0].conv is not None and stopped[0].conv.barrier is not None
-        why = stopped[0].conv.barrier[1]
+        barrier = stopped[0].layer.barrier  # type: ignore[union-attr]
+        assert barrier is not None
         yield BranchGroup(
             root,
             combination=combo,
             input=source,
             terms=members,
             constants=[],
-            blocked=f"{stopped[0].describe()} reads {source.name} but {why}",
+            blocked=f"{stopped[0].describe()} reads {source.name} but {barrier[1]}",
         )
 
 
-def _sum_user(node: Node) -> Node:
-    """Some user of ``node`` (the one inside the sum is as good as any for naming others)."""
-    return value_users(node)[0]
-
-
-def _check_layers(first: ConvView, convs: Sequence[ConvView]) -> str | None:
+def _check_layers(first: Layer, layers: Sequence[Layer]) -> str | None:
     if not first.dtype.is_floating_point:
         return f"weights are {first.dtype}, not floating point"
-    for conv in convs[1:]:
-        if conv.kind != first.kind:
-            return f"mixes a {first.describe()} and a {conv.describe()} branch"
-        if conv.dtype != first.dtype or conv.device != first.device:
+    for layer in layers[1:]:
+        if layer.kind != first.kind:
+            return f"mixes a {first.describe()} and a {layer.describe()} branch"
+        if layer.dtype != first.dtype or layer.device != first.device:
             return (
                 f"branches differ in dtype/device ({first.dtype} on {first.device}, "
-                f"{conv.dtype} on {conv.device})"
+                f"{layer.dtype} on {layer.device})"
             )
-        if (conv.in_channels, conv.out_channels) != (first.in_channels, first.out_channels):
+        if (layer.in_channels, layer.out_channels) != (first.in_channels, first.out_channels):
             return (
                 f"branches map different channels: {first.describe()} "
-                f"{first.in_channels}→{first.out_channels}, {conv.describe()} "
-                f"{conv.in_channels}→{conv.out_channels}"
+                f"{first.in_channels}→{first.out_channels}, {layer.describe()} "
+                f"{layer.in_channels}→{layer.out_channels}"
             )
         if (
-            conv.geometry is not None
+            layer.geometry is not None
             and first.geometry is not None
-            and (conv.geometry.stride != first.geometry.stride)
+            and layer.geometry.stride != first.geometry.stride
         ):
             return (
                 f"strides differ ({first.describe()}: {first.geometry.stride}, "
-                f"{conv.describe()}: {conv.geometry.stride})"
+                f"{layer.describe()}: {layer.geometry.stride})"
             )
     return None
 
 
-def _check_diagonals(group: BranchGroup, first: ConvView, ctx: RewriteContext) -> str | None:
+def _check_diagonals(group: BranchGroup, first: Layer, ctx: RewriteContext) -> str | None:
     for term in group.terms:
         if term.diagonal is None:
             continue
         label = term.diagonal.label
-        shape = ctx.shape(term.node)
-        if (
-            first.kind == "linear"
-            and term.diagonal.scale is not None
-            and (shape is None or len(shape) != 2)
-        ):
-            return LINEAR_RANK_UNKNOWN  # a batch norm's channels are dim 1, features are last
+        if first.kind == "linear" and term.diagonal.scale is not None and ctx.rank(term.node) != 2:
+            # a batch norm's channels are dim 1, a linear layer's features the last dim
+            return (
+                "a batch norm beside a Linear normalizes dim 1, the features only where the "
+                "program fixes the output as 2-d"
+            )
         if first.in_channels != first.out_channels:
             return (
                 f"the {label} branch needs in = out channels, but the {first.describe()} "
@@ -440,9 +476,10 @@ def _check_diagonals(group: BranchGroup, first: ConvView, ctx: RewriteContext) -
     return None
 
 
-def _check_coefficients(group: BranchGroup, first: ConvView) -> str | None:
+def _check_coefficients(group: BranchGroup, first: Layer) -> str | None:
+    from_end = first.ndim + 1
     for term in group.terms:
-        if channel_vector(term.coefficient, first.out_channels, first.ndim) is None:
+        if not per_channel(term.coefficient, first.out_channels, from_end):
             return (
                 f"the scale of shape {tuple(term.coefficient.shape)} on {term.describe()} "
                 f"is not per output channel"
@@ -450,7 +487,7 @@ def _check_coefficients(group: BranchGroup, first: ConvView) -> str | None:
     return None
 
 
-def _check_windows(group: BranchGroup, first: ConvView) -> str | None:
+def _check_windows(group: BranchGroup, first: Layer) -> str | None:
     for dim in range(first.ndim):
         windows = [t.window(dim) for t in group.terms]
         if len({w.size_offset for w in windows}) > 1:
@@ -462,17 +499,30 @@ def _check_windows(group: BranchGroup, first: ConvView) -> str | None:
                 f"misaligned windows along spatial dim {dim}: the branches give different "
                 f"output sizes ({described})"
             )
-    modes = _padding_mode(group)
+    modes = _padding(group)
     if len(modes) > 1:
         return f"branches read padding with different padding modes ({', '.join(sorted(modes))})"
+    values = modes.get("value", [])
+    if len({id(v) for v in values}) > 1:
+        return "branches pad with different values"
     return None
 
 
 def _check_shapes(group: BranchGroup, ctx: RewriteContext) -> str | None:
     """Where the graph carries shapes: batched input, and no branch relying on broadcasting."""
-    if group.combination.promotes(group.convs[0].dtype):
-        return promotion_reason(group.combination, group.convs[0].dtype)
-    first = group.convs[0]
+    first = group.layers[0]
+    promoted = group.combination.promotion(first.dtype)
+    if promoted is not None:
+        return promoted
+    if (
+        first.kind == "linear"
+        and group.combination.max_rank > 1
+        and ctx.rank(group.combination.root) is None
+    ):
+        return (
+            "a scale or constant of more than one dim beside a Linear would change the rank of "
+            "an input of unknown rank"
+        )
     source = ctx.shape(group.input)
     if first.geometry is not None and source is not None and len(source) != first.ndim + 2:
         return (
@@ -506,19 +556,20 @@ def _merged_name(names: Sequence[str]) -> str:
 
 
 def _add_scaled(
-    ctx: RewriteContext, acc: Node, coefficient: Tensor, operand: Node | float, like: ConvView
+    ctx: RewriteContext, acc: Node, coefficient: Weight, operand: Node | None, like: Layer
 ) -> Node:
-    """``acc + coefficient · operand`` as new nodes (a term the merge leaves in place)."""
-    if coefficient.dim() == 0:
-        c = float(coefficient)
-        if not isinstance(operand, Node):
-            return ctx.call(operator.add, acc, c * float(operand))
+    """``acc + coefficient · operand`` as new nodes (a term the merge leaves in place); a
+    ``None`` operand adds the constant ``coefficient`` itself."""
+    if isinstance(coefficient, Const) and coefficient.dim() == 0:
+        c = float(coefficient.tensor)
+        if operand is None:
+            return ctx.call(operator.add, acc, c)
         if c == 1.0:
             return ctx.call(operator.add, acc, operand)
         if c == -1.0:
             return ctx.call(operator.sub, acc, operand)
         return ctx.call(operator.add, acc, ctx.call(operator.mul, operand, c))
-    scale = ctx.constant(coefficient.to(dtype=like.dtype, device=like.device), "scale")
-    if not isinstance(operand, Node):
-        return ctx.call(operator.add, acc, ctx.call(operator.mul, scale, float(operand)))
+    scale = ctx.weight_node(coefficient, like)
+    if operand is None:
+        return ctx.call(operator.add, acc, scale)
     return ctx.call(operator.add, acc, ctx.call(operator.mul, operand, scale))

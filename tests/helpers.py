@@ -45,3 +45,16 @@ def fuse_and_check(
 def declined(fused: GraphModule, rule: str) -> list[str]:
     """The reasons ``rule`` gave for declining, from the fused module's report."""
     return [d.reason for d in fused.fxfuse_report.declines if d.rule == rule]
+
+
+def identity_branches(fused: GraphModule) -> int:
+    """How many identity or batch-norm branches merge-branches turned into kernels (its
+    report lines name each branch it merged)."""
+    merged = [
+        r.detail.split(" -> ")[0]
+        for r in fused.fxfuse_report.rewrites
+        if r.rule == "merge-branches"
+    ]
+    return sum(
+        part.endswith(("identity", "batch norm")) for line in merged for part in line.split(" + ")
+    )

@@ -10,13 +10,19 @@ from hypothesis import strategies as st
 
 from fxfuse.kernels import (
     Window,
-    add_placed,
+    affine_bias,
     align_windows,
+    average_kernel,
     batch_norm_affine,
+    compose_bias,
+    compose_kernels,
     diagonal_kernel,
     expand_groups,
+    input_shift_bias,
     place_kernel,
-    scale_output_channels,
+    placed_sum,
+    scale_input_channels,
+    scale_kernel,
 )
 from fxfuse.testing import relative_error
 
@@ -44,7 +50,7 @@ def test_scale_output_channels_conv(groups: int) -> None:
     w, b = torch.randn(8, 4 // groups, 3, 3, dtype=f64), torch.randn(8, dtype=f64)
     scale, shift = torch.randn(8, dtype=f64), torch.randn(8, dtype=f64)
     x = torch.randn(1, 4, 6, 6, dtype=f64)
-    w2, b2 = scale_output_channels(w, b, scale, shift, groups=groups)
+    w2, b2 = scale_kernel(w, scale, groups=groups), affine_bias(b, scale, shift, 8)
     expected = F.conv2d(x, w, b, groups=groups) * scale[:, None, None] + shift[:, None, None]
     assert relative_error(expected, F.conv2d(x, w2, b2, groups=groups)) < 1e-14
 
@@ -58,7 +64,8 @@ def test_scale_output_channels_transposed_scales_dim_one_per_group(
     b = torch.randn(cout, dtype=f64)
     scale, shift = torch.randn(cout, dtype=f64), torch.randn(cout, dtype=f64)
     x = torch.randn(2, cin, 5, 5, dtype=f64)
-    w2, b2 = scale_output_channels(w, b, scale, shift, transposed=True, groups=groups)
+    w2 = scale_kernel(w, scale, transposed=True, groups=groups)
+    b2 = affine_bias(b, scale, shift, cout)
     expected = F.conv_transpose2d(x, w, b, stride=2, groups=groups)
     expected = expected * scale[:, None, None] + shift[:, None, None]
     assert relative_error(expected, F.conv_transpose2d(x, w2, b2, stride=2, groups=groups)) < 1e-14
@@ -90,8 +97,10 @@ def test_expand_groups_is_exact(groups: int, new_groups: int) -> None:
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
-@pytest.mark.parametrize(("kernel", "dilation", "left", "right"),
-                         [(3, 2, 1, 3), (1, 1, 0, 0), (5, 1, 2, 2), (3, 1, -1, 0)])
+@pytest.mark.parametrize(
+    ("kernel", "dilation", "left", "right"),
+    [(3, 2, 1, 3), (1, 1, 0, 0), (5, 1, 2, 2), (3, 1, -1, 0)],
+)
 def test_window_size_offset_gives_output_size(
     kernel: int, dilation: int, left: int, right: int, stride: int
 ) -> None:
@@ -158,21 +167,68 @@ def test_place_kernel_merges_aligned_branches(
         y = F.conv1d(padded, w, stride=stride, dilation=d)
         total = y if total is None else total + y
         weight += place_kernel(w, [merged.kernel], [merged.offsets[i]], [merged.steps[i]])
-    out = F.conv1d(_pad1d(x, merged.left, merged.right), weight, stride=stride,
-                   dilation=merged.dilation)
+    out = F.conv1d(
+        _pad1d(x, merged.left, merged.right), weight, stride=stride, dilation=merged.dilation
+    )
     assert total is not None and out.shape == total.shape
     assert relative_error(total, out) < 1e-12
 
 
-def test_add_placed_is_adding_the_scaled_placed_kernel() -> None:
-    target = torch.randn(4, 2, 7, 5, dtype=f64)
-    weight = torch.randn(4, 2, 3, 2, dtype=f64)
-    scale = torch.randn(4, dtype=f64)
-    offsets, steps = [1, 0], [2, 3]
-    placed = place_kernel(weight, [7, 5], offsets, steps)
-    expected = target + placed * scale.reshape(-1, 1, 1, 1)
-    add_placed(target, weight, offsets, steps, scale)
-    assert torch.allclose(target, expected, rtol=0, atol=1e-15)
+def test_placed_sum_is_the_sum_of_scaled_placed_kernels() -> None:
+    a, b = torch.randn(4, 2, 3, 2, dtype=f64), torch.randn(4, 4, 1, 1, dtype=f64)
+    sa, sb = torch.randn(4, dtype=f64), torch.tensor(0.5, dtype=f64)
+    merged = placed_sum(
+        [a, b],
+        [sa, sb],
+        in_channels=4,
+        groups=[2, 1],
+        new_groups=1,
+        extent=[7, 5],
+        offsets=[[1, 0], [3, 2]],
+        steps=[[2, 3], [1, 1]],
+    )
+    dense_a = expand_groups(a, 4, 2, 1)
+    expected = place_kernel(dense_a, [7, 5], [1, 0], [2, 3]) * sa.reshape(-1, 1, 1, 1)
+    expected = expected + place_kernel(b, [7, 5], [3, 2], [1, 1]) * 0.5
+    assert torch.equal(merged, expected)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_an_affine_before_a_conv_folds_into_its_weights_and_bias(groups: int) -> None:
+    w, b = torch.randn(8, 8 // groups, 3, 3, dtype=f64), torch.randn(8, dtype=f64)
+    scale, shift = torch.randn(8, dtype=f64), torch.randn(8, dtype=f64)
+    x = torch.randn(2, 8, 6, 6, dtype=f64)
+    expected = F.conv2d(x * scale[:, None, None] + shift[:, None, None], w, b, groups=groups)
+    w2 = scale_input_channels(w, scale, groups=groups)
+    b2 = input_shift_bias(w, b, shift, groups=groups)
+    assert relative_error(expected, F.conv2d(x, w2, b2, groups=groups)) < 1e-14
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_kxk_after_a_1x1_composes_into_one_kernel(groups: int) -> None:
+    inner, inner_bias = torch.randn(6, 4 // groups, 1, 1, dtype=f64), torch.randn(6, dtype=f64)
+    outer, outer_bias = torch.randn(8, 6 // groups, 3, 3, dtype=f64), torch.randn(8, dtype=f64)
+    x = torch.randn(2, 4, 7, 7, dtype=f64)
+    expected = F.conv2d(
+        F.conv2d(x, inner, inner_bias, groups=groups), outer, outer_bias, groups=groups
+    )
+    w = compose_kernels(outer, inner, groups=groups)
+    b = compose_bias(outer, outer_bias, inner_bias, groups=groups)
+    assert relative_error(expected, F.conv2d(x, w, b, groups=groups)) < 1e-14
+
+
+def test_average_kernel_is_average_pooling() -> None:
+    x = torch.randn(2, 3, 7, 7, dtype=f64)
+    kernel = average_kernel(3, (3, 3))
+    expected = F.avg_pool2d(x, 3, 1, 1)  # count_include_pad=True
+    assert relative_error(expected, F.conv2d(x, kernel, padding=1, groups=3)) < 1e-15
+
+
+def test_kernels_keep_autograd() -> None:
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    scale = torch.randn(4, requires_grad=True)
+    scale_kernel(w, scale).sum().backward()
+    assert w.grad is not None and scale.grad is not None
 
 
 def _pad1d(x: torch.Tensor, left: int, right: int) -> torch.Tensor:

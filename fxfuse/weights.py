@@ -1,0 +1,291 @@
+"""Weights as expressions of the graph's constants, evaluated once or computed on every call.
+
+Every tensor a rule computes — a folded kernel, a merged bias, a batch norm's scale — is a
+:class:`Weight`: an expression whose leaves are the constants the graph reads (a parameter, a
+buffer, a weight ``torch.compile`` lifted to a graph input) and whose inner nodes are pure
+functions of :mod:`fxfuse.kernels` (float64 arithmetic) or ops of the model re-run on its own
+constants. Nothing is computed while the rules run, except what a condition needs; then:
+
+- :func:`evaluate` computes a weight once (float64, exact), at emission: each fused layer's
+  weights are computed, cast to the layer's dtype and dropped, one layer at a time, so no
+  float64 copy of the model is ever held (an intermediate fold that a later merge absorbed is
+  never computed on its own);
+- :func:`emit_weight` writes the same expression into the graph, so the fused model computes
+  its weights from the *live* constants on every call: the ``torch.compile`` backend does this,
+  where weights are graph inputs that may change between calls in ways no version counter sees
+  (fused optimizers, batch-norm statistics updated by a forward pass, ``p.data.mul_()``), and
+  gradients flow through it to the original parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx import Graph, Node
+
+from fxfuse import kernels
+
+__all__ = [
+    "Apply",
+    "Const",
+    "Leaf",
+    "Weight",
+    "apply",
+    "const",
+    "emit_weight",
+    "evaluate",
+    "is_one",
+    "leaf",
+    "mul",
+    "reciprocal",
+]
+
+
+class Weight:
+    """A tensor-valued expression; ``shape``, ``dtype`` and ``device`` are known without
+    computing it."""
+
+    __slots__ = ("device", "dtype", "shape")
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def live(self) -> bool:
+        """Whether it depends on a constant that may change between calls."""
+        return False
+
+    def value(self) -> Tensor:
+        """The weight's value (no autograd), computed now."""
+        return evaluate(self)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+
+class Leaf(Weight):
+    """A constant the graph reads: ``tensor``, held by ``node`` (an attribute read, a weight
+    dynamo lifted to a graph input) or by the module attribute ``path`` (a layer's own
+    parameter); ``live`` when it may change between calls and must be read on every call."""
+
+    __slots__ = ("_live", "node", "path", "tensor")
+
+    def __init__(
+        self, tensor: Tensor, node: Node | None = None, path: str | None = None, live: bool = False
+    ):
+        self.tensor, self.node, self.path, self._live = tensor, node, path, live
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+
+    @property
+    def live(self) -> bool:
+        return self._live
+
+    def __repr__(self) -> str:
+        where = self.node.name if self.node is not None else self.path
+        return f"Leaf({where}, {tuple(self.shape)})"
+
+
+class Const(Weight):
+    """A value fxfuse made (a Python number, a kernel of ones): never changes."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+
+    def __repr__(self) -> str:
+        return f"Const({tuple(self.shape)})"
+
+
+class Apply(Weight):
+    """``fn(*args, **kwargs)`` where arguments may be weights; ``fn`` is pure."""
+
+    __slots__ = ("_live", "args", "fn", "kwargs")
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        meta: Tensor,
+    ):
+        self.fn, self.args, self.kwargs = fn, tuple(args), dict(kwargs)
+        self.shape, self.dtype = meta.shape, meta.dtype
+        self.device = _device_of(self.args, self.kwargs)
+        self._live = any(w.live for w in _weights_in((self.args, self.kwargs)))
+
+    @property
+    def live(self) -> bool:
+        return self._live
+
+    def __repr__(self) -> str:
+        return f"Apply({getattr(self.fn, '__name__', self.fn)}, {tuple(self.shape)})"
+
+
+def leaf(
+    tensor: Tensor, *, node: Node | None = None, path: str | None = None, live: bool = False
+) -> Leaf:
+    return Leaf(tensor, node, path, live)
+
+
+def is_one(weight: Weight | None) -> bool:
+    """Whether ``weight`` is the number 1 (a constant fxfuse knows, not a tensor that may
+    change)."""
+    return isinstance(weight, Const) and weight.tensor.dim() == 0 and bool(weight.tensor == 1)
+
+
+def mul(a: Weight, b: Weight) -> Weight:
+    """``a · b``: constants multiplied now, 1 dropped, anything else an expression."""
+    if is_one(a):
+        return b
+    if is_one(b):
+        return a
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const(a.tensor.to(torch.float64) * b.tensor.to(torch.float64))
+    return apply(kernels.product, a, b)
+
+
+def reciprocal(a: Weight) -> Weight:
+    """``1 / a``."""
+    if isinstance(a, Const):
+        return Const(1.0 / a.tensor.to(torch.float64))
+    return apply(kernels.reciprocal, a)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scalar(value: float) -> Const:
+    return Const(torch.tensor(value, dtype=torch.float64))
+
+
+def const(value: Tensor | float) -> Const:
+    """A constant weight: a Python number (0-d float64) or a tensor fxfuse computed."""
+    if isinstance(value, Tensor):
+        return Const(value.detach())
+    return _scalar(float(value))
+
+
+def apply(
+    fn: Callable[..., Tensor], *args: Any, result: Tensor | None = None, **kwargs: Any
+) -> Apply:
+    """The weight ``fn(*args, **kwargs)``. Its shape and dtype come from ``result`` (the op
+    already run on the real values), from the shape a kernel function declares
+    (:func:`fxfuse.kernels.shaped`; float64), or from running ``fn`` on meta tensors."""
+    shape_of = getattr(fn, "shape_of", None)
+    if result is None and shape_of is not None:
+        shape = torch.Size(int(s) for s in shape_of(*args, **kwargs))
+        result = torch.empty(shape, dtype=torch.float64, device="meta")
+    if result is None:
+        meta_args, meta_kwargs = _map_weights((args, kwargs), _meta)
+        with torch.no_grad():
+            result = fn(*meta_args, **meta_kwargs)
+    if not isinstance(result, Tensor):
+        raise TypeError(f"{getattr(fn, '__name__', fn)} gave {type(result).__name__}, not a tensor")
+    return Apply(fn, args, kwargs, result)
+
+
+# --------------------------------------------------------------------------------------------
+# Computing a weight
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(weight: Weight, memo: dict[int, Tensor] | None = None) -> Tensor:
+    """The value of ``weight``, computed from the constants' current values, without autograd.
+
+    ``memo`` (keyed by ``id``) shares subexpressions across the weights of one layer."""
+    memo = {} if memo is None else memo
+    with torch.no_grad():
+        return _evaluate(weight, memo)
+
+
+def _evaluate(weight: Weight, memo: dict[int, Tensor]) -> Tensor:
+    found = memo.get(id(weight))
+    if found is not None:
+        return found
+    if isinstance(weight, Leaf):
+        value = weight.tensor.detach()
+    elif isinstance(weight, Const):
+        value = weight.tensor
+    elif isinstance(weight, Apply):
+        args, kwargs = _map_weights((weight.args, weight.kwargs), lambda w: _evaluate(w, memo))
+        value = weight.fn(*args, **kwargs)
+    else:  # pragma: no cover - a new kind of weight
+        raise TypeError(f"cannot evaluate {weight!r}")
+    memo[id(weight)] = value
+    return value
+
+
+def emit_weight(
+    weight: Weight,
+    graph: Graph,
+    constant: Callable[[Tensor], Node],
+    memo: dict[int, Node],
+) -> Node:
+    """Nodes of ``graph`` (inserted at its current insertion point) computing ``weight`` on
+    every call: leaves are the nodes that hold them, constants become attributes (through
+    ``constant``), applications become calls. Shared subexpressions are emitted once per
+    ``memo``."""
+    found = memo.get(id(weight))
+    if found is not None:
+        return found
+    if isinstance(weight, Leaf):
+        if weight.node is not None:
+            node = weight.node
+        else:
+            assert weight.path is not None, weight
+            node = graph.get_attr(weight.path)
+    elif isinstance(weight, Const):
+        node = constant(weight.tensor)
+    elif isinstance(weight, Apply):
+        args, kwargs = _map_weights(
+            (weight.args, weight.kwargs), lambda w: emit_weight(w, graph, constant, memo)
+        )
+        node = graph.call_function(weight.fn, tuple(args), kwargs)
+    else:  # pragma: no cover
+        raise TypeError(f"cannot emit {weight!r}")
+    memo[id(weight)] = node
+    return node
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _map_weights(value: Any, fn: Callable[[Weight], Any]) -> Any:
+    if isinstance(value, Weight):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_weights(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_weights(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_weights(v, fn) for k, v in value.items()}
+    return value
+
+
+def _weights_in(value: Any) -> list[Weight]:
+    found: list[Weight] = []
+    _map_weights(value, lambda w: found.append(w))
+    return found
+
+
+def _meta(weight: Weight) -> Tensor:
+    return torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+
+
+def _device_of(args: Any, kwargs: Any) -> torch.device:
+    for w in _weights_in((args, kwargs)):
+        return w.device
+    return torch.device("cpu")
