@@ -3,6 +3,7 @@
 ``all`` (the default) runs latency, scaling and memory and draws the plot; ``profile``
 prints where ``optimize`` spends its time (cProfile, per phase); ``equivalence`` prints the
 README's model table (ops executed, errors, parameters; fxfuse beside timm's converter).
+``live`` times the compile backend's live weights against fused ones (per-call cost).
 ``--quick`` is the short run (a few minutes on 2 cores): four models, 10 rounds,
 10/100/1,000 blocks. The 10,000-block point is its own command::
 
@@ -23,7 +24,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import equivalence, latency, markdown, memory, plots, profile, scaling
+from benchmarks import (
+    equivalence,
+    latency,
+    live_weights,
+    markdown,
+    memory,
+    plots,
+    profile,
+    scaling,
+)
 from benchmarks.common import OUT, cold_compiles, load_results, machine, save_section
 from fxfuse.bench import VARIANTS
 
@@ -70,6 +80,13 @@ def run_profile(args: argparse.Namespace) -> None:
         save_section(args.json, f"profile_{blocks}", profile.run(blocks))
 
 
+def run_live(args: argparse.Namespace) -> None:
+    env = machine("cpu")
+    result = live_weights.run(args.models or live_weights.MODELS, rounds=args.rounds or 20)
+    env["load_average_after"] = machine("cpu")["load_average"]
+    save_section(args.json, "live_weights", {"machine": env, "models": result})
+
+
 def run_markdown(args: argparse.Namespace) -> None:
     print(markdown.render(load_results(args.json)))
 
@@ -95,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="all",
         choices=["all", "latency", "scaling", "memory", "profile", "plot", "markdown",
-                 "equivalence"],
+                 "equivalence", "live"],
     )
     parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
     parser.add_argument("--models", nargs="+", metavar="SPEC", help="model specs to measure")
@@ -137,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scaling": run_scaling,
         "memory": run_memory,
         "profile": run_profile,
+        "live": run_live,
         "markdown": lambda a: None,
         "plot": lambda a: None,
     }

@@ -3,27 +3,31 @@
 Dynamo hands a backend torch-level ops (``torch.conv2d``, ``F.batch_norm``, ``operator.add``)
 with the parameters and buffers lifted to graph inputs that it does **not** guard on (DESIGN
 trap 3): a second instance of the same class reuses the compiled code with its own weights,
-and an in-place update changes the weights under it. So the weights fxfuse folds are never
-baked blindly: each call looks at the identity and version (``_version``) of the weight
-inputs, and a call whose weights are not the ones a fused graph was built from gets its own
-fusion (kept in a small cache, so alternating instances do not refuse every call). Updates
-that bypass PyTorch's version counter — ``p.data.mul_(…)``, or in-place changes to inference
-tensors — are not seen: update weights in place under ``torch.no_grad()`` (``p.mul_(…)``,
-``p.copy_(…)``, ``load_state_dict``), or call ``torch._dynamo.reset()`` after such an update.
+and weights change under it — an optimizer step (``fused=True`` ones included), batch-norm
+statistics re-estimated by a forward pass in training mode, ``p.data.mul_(…)`` — without any
+version counter seeing it. So the fused graph never bakes a weight: it computes its fused
+weights from the weight inputs on every call (:mod:`fxfuse.weights`, "live" weights), exactly,
+in float64, and differentiably — the same graph serves every instance and every update, and
+with gradients enabled it trains the original parameters (the merged kernel is computed from
+the branches on every step: the multi-branch model's gradients at one conv's activation cost).
+The cost is that weight arithmetic per call (``benchmarks/RESULTS.md`` measures it); with
+``inner="inductor"`` it is compiled with the rest.
 
 Options (``torch.compile(..., options={...})``):
 
 - ``inner``: what compiles the fused graph: ``"eager"`` (default: run it as is) or
   ``"inductor"``, or any backend name ``torch._dynamo`` knows.
+- ``weights``: ``"live"`` (default, above) or ``"frozen"``: fold each set of weights once and
+  reuse the result while the weights' identity and version (``_version``) stay the same —
+  faster per call, but blind to updates that bypass the version counter (the ones listed
+  above): after one, call ``torch._dynamo.reset()``. Gradients enabled for the weights run the
+  captured graph unfused, with a warning.
 - ``verify``: compare the fused graph with the captured one on the call's own inputs before
   first use (default ``False``); a mismatch raises :class:`~fxfuse.VerificationError`.
 - ``report``: ``"log"`` (default: one INFO line per fused graph on the ``fxfuse`` logger),
   ``"none"``, or a callable given each :class:`~fxfuse.FusionReport`. Every report is also
   kept in :data:`REPORTS` (the most recent 64).
-- ``cache_size``: weight sets remembered per graph (default 8).
-
-With gradients enabled for the weights (training), folding would cut the original weights
-out of autograd: the captured graph runs unfused, and fxfuse says so once.
+- ``cache_size``: with frozen weights, weight sets remembered per graph (default 8).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxfuse.api import fuse_graph
 from fxfuse.compare import compare_outputs
-from fxfuse.errors import FxFuseError, VerificationError
+from fxfuse.errors import FxFuseError, VerificationError, warn
 from fxfuse.report import FusionReport
 
 __all__ = ["REPORTS", "BackendOptions", "fxfuse_backend"]
@@ -61,6 +65,7 @@ class BackendOptions:
     """The backend's options, validated (see the module docstring)."""
 
     inner: str | Callable[..., Any] = "eager"
+    weights: str = "live"
     verify: bool = False
     report: str | Callable[[FusionReport], None] = "log"
     cache_size: int = 8
@@ -68,22 +73,26 @@ class BackendOptions:
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
         options = dict(options or {})
-        unknown = set(options) - {"inner", "verify", "report", "cache_size"}
+        unknown = set(options) - {"inner", "weights", "verify", "report", "cache_size"}
         if unknown:
             raise FxFuseError(
                 f"unknown fxfuse backend option(s) {sorted(unknown)}; the options are inner, "
-                "verify, report and cache_size"
+                "weights, verify, report and cache_size"
             )
         parsed = cls(**options)
         if parsed.report not in ("log", "none") and not callable(parsed.report):
             raise FxFuseError(f"option report={parsed.report!r}: use 'log', 'none' or a callable")
+        if parsed.weights not in ("live", "frozen"):
+            raise FxFuseError(f"option weights={parsed.weights!r}: use 'live' or 'frozen'")
         return parsed
 
 
 def _warn_once(key: str, message: str) -> None:
+    """A warning the user sees without configuring logging, once per cause."""
     if key not in _warned:
         _warned.add(key)
-        log.warning(message)
+        log.info(message)
+        warn(message, stacklevel=4)
 
 
 def _is_weight(node: Node, value: Any) -> bool:
@@ -136,6 +145,124 @@ class _Fused:
         )
 
 
+class _LiveWeights:
+    """A fused graph split in two: ``weights`` computes the fused weights from the weight
+    inputs (float64 arithmetic, differentiable), ``rest`` runs the model on the activations and
+    those fused weights.
+
+    With gradients enabled for a weight, every call runs both (autograd reaches the
+    parameters). Otherwise the fused weights are kept and reused while a fingerprint of the
+    weight inputs stays the same (:func:`fingerprint`); any update, whether a version counter
+    saw it or not, changes it, and the next call recomputes them."""
+
+    def __init__(
+        self, fused: GraphModule, weight_indices: Sequence[int], inner: Any, args: Sequence[Any]
+    ):
+        self.weight_indices = list(weight_indices)
+        weight_part, rest, arity = _split_weights(fused, set(weight_indices))
+        self.weights = weight_part
+        self.arity = arity
+        self._cached: tuple[Any, ...] | None = None
+        self._print: Tensor | None = None
+        with torch.no_grad():
+            boundary = tuple(self.weights(*[args[i] for i in self.weight_indices]))
+        self.rest = inner(rest, [*args, *boundary])
+
+    def __call__(self, *args: Any) -> Any:
+        weights = [args[i] for i in self.weight_indices]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            self._cached = None  # (they are about to change)
+            return self.rest(*args, *self.weights(*weights))
+        current = fingerprint(weights)
+        if self._cached is None or self._print is None or not torch.equal(current, self._print):
+            with torch.no_grad():
+                self._cached = tuple(self.weights(*weights))
+            self._print = current
+        return self.rest(*args, *self._cached)
+
+
+_PROJECTIONS: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+
+def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
+    """A few float64 numbers summing up ``tensors``: ``Σ tᵢ·rᵢ`` over all their elements with a
+    fixed random ``r``, accumulated in float64, one number per dtype and device. Any change to
+    an element larger than about 1e-7 of its own magnitude moves it (a product is rounded to
+    float32 at most), short of changes that cancel exactly against ``r`` — far below anything
+    that moves a model's outputs beyond float32 rounding. It reads each weight once, in a few
+    ops whatever the number of tensors, and needs no version counter: ``p.data`` updates, fused
+    optimizers and batch-norm statistics updated by a forward pass are all seen."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    with torch.no_grad():
+        for t in tensors:
+            flat = t.detach().reshape(-1)
+            if flat.dtype not in (torch.float32, torch.float64):
+                flat = flat.float()
+            groups.setdefault((flat.device, flat.dtype), []).append(flat)
+        sums = []
+        for (device, dtype), flats in groups.items():
+            values = torch.cat(flats) if len(flats) > 1 else flats[0]
+            key = (values.numel(), device, dtype)
+            r = _PROJECTIONS.get(key)
+            if r is None:
+                generator = torch.Generator().manual_seed(values.numel())
+                r = torch.rand(values.numel(), generator=generator, dtype=torch.float64) + 0.5
+                r = _PROJECTIONS.setdefault(key, r.to(device=device, dtype=dtype))
+            sums.append(torch.sum(values * r, dtype=torch.float64).cpu())
+    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+
+
+def _split_weights(
+    fused: GraphModule, weight_positions: set[int]
+) -> tuple[GraphModule, GraphModule, int]:
+    """``fused`` as two graphs: the nodes that depend on weight inputs only (and constants),
+    returning the values the rest reads; and the rest, reading them as extra inputs."""
+    graph = fused.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    weight_nodes = {placeholders[i] for i in weight_positions}
+    pure: set[Node] = set(weight_nodes)
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method", "get_attr") and all(
+            i in pure for i in node.all_input_nodes
+        ):
+            if node.op == "get_attr" or node.all_input_nodes:
+                pure.add(node)
+    boundary = [
+        n
+        for n in graph.nodes
+        if n in pure
+        and n.op != "get_attr"
+        and n not in weight_nodes
+        and any(u not in pure for u in n.users)
+    ]
+    # the weights' graph
+    wg = Graph()
+    env: dict[Node, Node] = {}
+    for node in placeholders:
+        if node in weight_nodes:
+            env[node] = wg.placeholder(node.name)
+    for node in graph.nodes:
+        if node in pure and node not in weight_nodes:
+            env[node] = wg.node_copy(node, env.__getitem__)
+    wg.output(tuple(env[n] for n in boundary))
+    # the rest
+    rg = Graph()
+    renv: dict[Node, Node] = {}
+    for node in placeholders:  # (weights too: an op no rule fused reads them as they are)
+        renv[node] = rg.placeholder(node.name)
+    for node in boundary:
+        renv[node] = rg.placeholder(f"{node.name}_fused")
+    for node in graph.nodes:
+        if node.op == "placeholder" or node in renv:
+            continue
+        if node in pure and not any(u not in pure for u in node.users):
+            continue  # used only inside the weights' graph
+        if node in pure and node.op != "get_attr":
+            continue
+        renv[node] = rg.node_copy(node, renv.__getitem__)
+    return GraphModule(fused, wg), GraphModule(fused, rg), len(boundary)
+
+
 class FusingCallable:
     """What the backend returns to dynamo: fuses on first use of each set of weights."""
 
@@ -151,10 +278,15 @@ class FusingCallable:
         self.cache: OrderedDict[int, _Fused] = OrderedDict()
         self.inner = _inner_compiler(options.inner)
         self._unfused: Callable[..., Any] | None = None
+        self._live: Callable[..., Any] | None = None
         self._next_key = 0
 
     def __call__(self, *args: Any) -> Any:
         weights = [args[i] for i in self.weight_indices]
+        if self.options.weights == "live":
+            if self._live is None:
+                self._live = self._fuse(args, weights, live=True).run
+            return self._live(*args)
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return self._run_unfused(args)
         for key, fused in self.cache.items():
@@ -179,7 +311,7 @@ class FusingCallable:
             self._unfused = self.inner(self.gm, list(args))
         return self._unfused(*args)
 
-    def _fuse(self, args: Sequence[Any], weights: Sequence[Tensor]) -> _Fused:
+    def _fuse(self, args: Sequence[Any], weights: Sequence[Tensor], live: bool = False) -> _Fused:
         graph = Graph()
         mapping: dict[Node, Node] = {}
         output = graph.graph_copy(self.gm.graph, mapping)
@@ -192,6 +324,7 @@ class FusingCallable:
             capture="torch.compile (dynamo)",
             class_name="FusedDynamoGraph",
             parameters=sum(w.numel() for w in weights),
+            live=live,
         )
         report = fused.fxfuse_report
         REPORTS.append(report)
@@ -208,11 +341,21 @@ class FusingCallable:
             self.options.report(report)
         if self.options.verify:
             self._verify(fused, args)
+        if live:
+            return _Fused(weights, _LiveWeights(fused, self.weight_indices, self.inner, args))
         return _Fused(weights, self.inner(fused, list(args)))
 
     def _verify(self, fused: GraphModule, args: Sequence[Any]) -> None:
+        weights = set(self.weight_indices)
+
+        def fresh() -> list[Any]:  # (a graph may update its inputs in place: each run its own)
+            return [
+                a.clone() if isinstance(a, Tensor) and i not in weights else a
+                for i, a in enumerate(args)
+            ]
+
         with torch.no_grad():
-            expected, actual = self.gm(*args), fused(*args)
+            expected, actual = self.gm(*fresh()), fused(*fresh())
         failure = compare_outputs(expected, actual).failure
         if failure is not None:
             raise VerificationError(

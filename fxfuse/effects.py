@@ -115,12 +115,25 @@ _ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._
 _RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
 
 
+_SHAPE_OF_OTHER_METHODS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
+_LIKE_FUNCTIONS = frozenset({torch.zeros_like, torch.ones_like, torch.empty_like})
+_NEW_METHODS = frozenset({"new_zeros", "new_ones", "new_empty", "new_full"})
+
+
 def reads_metadata_only(user: Node, of: Node) -> bool:
     """Whether ``user`` only asks ``of`` for its shape, rank, dtype or device.
 
-    Such a read (``x.shape``, ``x.ndim`` in a ``torch._assert``, ``x.size(1)``) does not need
-    the value: it can read the same facts from anything of the same shape and dtype.
+    Such a read (``x.shape``, ``x.ndim`` in a ``torch._assert``, ``x.size(1)``,
+    ``y.reshape_as(x)``, ``torch.zeros_like(x)``) does not need the value: it can read the same
+    facts from anything of the same shape and dtype.
     """
+    others = [*user.args[1:], *user.kwargs.values()]
+    if user.op == "call_method" and user.target in _SHAPE_OF_OTHER_METHODS:
+        return len(user.args) == 2 and user.args[1] is of and user.args[0] is not of
+    if user.op == "call_method" and user.target in _NEW_METHODS:
+        return bool(user.args) and user.args[0] is of and of not in others
+    if user.op == "call_function" and user.target in _LIKE_FUNCTIONS:
+        return bool(user.args) and user.args[0] is of and of not in others
     if user.op == "call_function" and user.target is getattr:
         return len(user.args) == 2 and user.args[0] is of and user.args[1] in _METADATA_ATTRIBUTES
     if user.op == "call_function" and user.target in _ATEN_METADATA:

@@ -7,6 +7,7 @@ from typing import Any
 
 __all__ = [
     "CaptureError",
+    "FxFuseWarning",
     "ConvergenceError",
     "FxFuseError",
     "NondeterministicError",
@@ -17,6 +18,18 @@ __all__ = [
 
 class FxFuseError(Exception):
     """Base class of every error fxfuse raises on purpose."""
+
+
+class FxFuseWarning(UserWarning):
+    """Something the user should know that does not stop fxfuse: a part run unfused, a rewrite
+    rolled back. Shown once per cause, without any logging set up."""
+
+
+def warn(message: str, stacklevel: int = 3) -> None:
+    """Warn the user (:class:`FxFuseWarning`; Python shows it once per place it is raised)."""
+    import warnings
+
+    warnings.warn(message, FxFuseWarning, stacklevel=stacklevel)
 
 
 class CaptureError(FxFuseError):

@@ -1,11 +1,16 @@
 """Layout evidence: the rank a value has for *every* input the model accepts.
 
 Some rewrites are exact only at one rank: a ``BatchNorm1d`` normalizes dim 1, which is a
-``Linear`` layer's feature axis only when its output is 2-d; a ``(1, C, 1, 1)`` scale beside a
-conv adds a batch dim to an unbatched input. Example inputs show one rank; they prove nothing
-about the next input. :func:`rank` proves a rank from the program itself: ops that fix it
-(``flatten(x, 1)``, ``x.view(n, -1)``, a ``BatchNorm2d`` that rejects anything but 4-d, a
-global pool), carried forward through ops that keep it. ``None`` means not proven.
+``Linear`` layer's feature axis only when its output is 2-d; a ``[1, C]`` scale beside a linear
+layer adds a dim to a 1-d input. Example inputs show one rank; they prove nothing about the next
+input. :class:`Ranks` proves a rank from the program itself: ops that fix it (``flatten(x, 1)``,
+``x.view(n, -1)``, a ``BatchNorm2d`` that rejects anything but 4-d, a global pool), carried
+forward through ops that keep it. ``None`` means not proven.
+
+One assumption is made, and documented in the README: the activations a conv reads are
+batched, ``(N, C, *spatial)`` (the layout every ``nn.BatchNorm`` enforces), so a ``d``-d conv's
+output has rank ``d + 2`` where nothing else says otherwise. A linear layer gets no such
+assumption: its input may have any rank.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx import Node
+from torch.fx import Graph, Node
 
 from fxfuse.dialects import aten, bind
 from fxfuse.effects import reads_metadata_only
@@ -168,19 +173,38 @@ _SAME_RANK_MODULES = (
     nn.Upsample,
 )
 _BN_RANK = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+# a conv's output rank where its input's is not proven: batched (the documented layout)
+_CONV_RANKS = {
+    F.conv1d: 3, F.conv2d: 4, F.conv3d: 5, torch.conv1d: 3, torch.conv2d: 4, torch.conv3d: 5,
+    F.conv_transpose1d: 3, F.conv_transpose2d: 4, F.conv_transpose3d: 5,
+}
 
 
 class Ranks:
-    """Proven ranks of a graph's values (memoized; new nodes are looked at when asked)."""
+    """Proven ranks of a graph's values.
+
+    They are read off the program as captured, before any rewrite: what the original proves
+    (a ``BatchNorm2d`` rejects anything but 4-d) holds for every input the original accepts,
+    which is all a rewrite must match, even after the batch norm is folded away. A node that
+    replaces another (:meth:`replaced`) has its rank; other new nodes are looked at when asked.
+    """
 
     def __init__(
         self,
+        graph: Graph,
         module: Callable[[str], nn.Module],
         tensor: Callable[[Node], Tensor | None],
     ):
         self._module = module
         self._tensor = tensor
         self._memo: dict[Node, int | None] = {}
+        for node in graph.nodes:  # (in order: inputs first, so no deep recursion)
+            self(node)
+
+    def replaced(self, old: Node, new: Node) -> None:
+        """``new`` computes ``old``'s value: it has the rank the program proved for ``old``."""
+        if self._memo.get(old) is not None:
+            self._memo[new] = self._memo[old]
 
     def __call__(self, node: Any) -> int | None:
         if not isinstance(node, Node):
@@ -220,6 +244,9 @@ class Ranks:
             return r if r in (2, 3) else None
         if isinstance(module, nn.Flatten):
             return _flatten_rank(self._first(node), module.start_dim, module.end_dim)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            r = self._first(node)
+            return len(module.kernel_size) + 2 if r is None else r
         if isinstance(module, _SAME_RANK_MODULES):
             return self._first(node)
         return None
@@ -279,6 +306,9 @@ class Ranks:
             return ranks.pop() if len(ranks) == 1 else None
         if fn in _BROADCASTING:
             return self._broadcast(node)
+        if fn in _CONV_RANKS:
+            r = self._first(node)
+            return _CONV_RANKS[fn] if r is None else r
         if fn in _SAME_RANK_FUNCTIONS:
             return self._first(node)
         if fn is operator.getitem:
@@ -286,7 +316,10 @@ class Ranks:
         from fxfuse.maps import fused_layer  # (layout is below maps; fused layers keep rank)
 
         if fn is fused_layer:
-            return self._first(node)
+            layer = node.args[1]
+            geo = getattr(layer, "geometry", None)
+            r = self._first(node)
+            return geo.ndim + 2 if r is None and geo is not None else r
         if isinstance(fn, torch._ops.OpOverload) and fn.overloadpacket.__name__ in {
             "convolution",
             "relu",

@@ -933,9 +933,9 @@ def as_chain(node: Node, ctx: Resolver) -> Chain | Refusal | None:
 
 
 def _common_groups(a: int, b: int) -> int | None:
-    if a == b:
-        return a
-    return 1 if 1 in (a, b) else None
+    """The grouping both layers can be written at (a grouped kernel is a block of a coarser
+    one): the greatest common divisor."""
+    return math.gcd(a, b)
 
 
 def _is_zero(weight: Weight | None) -> bool:
@@ -955,7 +955,13 @@ def same_values(a: Weight, b: Weight, channels: int, rtol: float = 1e-5) -> bool
 
 def channels_of(node: Node, ctx: Resolver) -> int | None:
     """How many channels ``node``'s value has (dim 1), where the program fixes it: the layer
-    or batch norm that made it, through ops that keep channels (activations, pads, pools)."""
+    or batch norm that made it, through ops that keep channels (activations, pads, pools), or
+    a layer that reads it (a conv rejects any other channel count)."""
+    for user in node.users:
+        if user.op in ("call_module", "call_function") and user.args and user.args[0] is node:
+            reader = as_layer(user, ctx) if _reads_directly(user, ctx) else None
+            if isinstance(reader, Layer) and reader.geometry is not None and not reader.label:
+                return reader.in_channels
     for _ in range(64):
         layer = as_layer(node, ctx)
         if isinstance(layer, Layer):
@@ -973,6 +979,13 @@ def channels_of(node: Node, ctx: Resolver) -> int | None:
             return int(shape[1]) if shape is not None and len(shape) > 1 else None
         node = source
     return None
+
+
+def _reads_directly(node: Node, ctx: Resolver) -> bool:
+    """A conv module or function (whose view does not itself ask for channels)."""
+    if node.op == "call_module":
+        return isinstance(ctx.module(str(node.target)), _ConvNd)
+    return node.target in CONV_FUNCTIONS or node.target is aten.convolution.default
 
 
 _SAME_CHANNEL_MODULES = (

@@ -46,7 +46,7 @@ from torch.nn.modules.pooling import _AvgPoolNd
 
 from fxfuse import kernels
 from fxfuse.effects import Effects, register_pure, run_pure, value_users
-from fxfuse.errors import ConvergenceError
+from fxfuse.errors import ConvergenceError, warn
 from fxfuse.geometry import Geometry
 from fxfuse.layout import Ranks
 from fxfuse.maps import (
@@ -227,13 +227,6 @@ def weight_of(weight: Weight) -> Tensor:
     return evaluate(weight)
 
 
-@register_pure
-def at_least_rank(x: Tensor, rank: int) -> Tensor:
-    """``x`` with leading size-1 dims up to ``rank``: what broadcasting against a rank-``rank``
-    constant does to an unbatched value, kept where a fold removed the constant."""
-    return x.reshape((1,) * (rank - x.dim()) + tuple(x.shape)) if x.dim() < rank else x
-
-
 # --------------------------------------------------------------------------------------------
 # What rules see
 # --------------------------------------------------------------------------------------------
@@ -273,7 +266,7 @@ class RewriteContext:
         self._candidates: dict[Node, bool] = {}
         self._module_weights: dict[str, Weight | None] = {}
         self.effects = Effects(graph, self.module, self._held)
-        self.rank = Ranks(self.module, self._held)
+        self.rank = Ranks(graph, self.module, self._held)
         for node in graph.nodes:  # (in order: each node's inputs are decided before it)
             self._may_be_constant(node)
         self.validator: RewriteValidator | None = (
@@ -675,7 +668,7 @@ class _Driver:
 
     def _fail(self, rule: Rule[Any], match: Match, reason: str) -> None:
         assert self.ctx.validator is not None
-        log.warning("fxfuse: %s at %s failed validation: %s", rule.name, match.root.name, reason)
+        warn(f"fxfuse: {rule.name} at {match.root.name} failed validation and was rolled back: {reason}")
         self.ctx.decline(rule, match.root, f"failed validation: {reason}")
         self.ctx.validator.record_failure(rule.name, match.root.name, reason)
 
@@ -778,6 +771,7 @@ class _Driver:
                 new.meta[key] = old.meta[key]
         old.replace_all_uses_with(new)
         self.ctx.effects.replaced(old, new)
+        self.ctx.rank.replaced(old, new)
         for reader, node, target in readers:
             reader.replace_input_with(node, target)
         for node in reversed(moved):

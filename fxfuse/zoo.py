@@ -176,11 +176,183 @@ class DilatedReparam(nn.Module):
         return self.plain(x) + self.dilated(x) + self.point(x)
 
 
+class BNAndPad(nn.Module):
+    """DBB's batch norm that pads its output with its own image of zero: the border holds
+    what the batch norm gives for a zero input, written in place into a zero-padded tensor,
+    so that a conv after it with no padding of its own folds the batch norm exactly."""
+
+    def __init__(self, pad: int, channels: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.pad = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn(x)
+        if self.pad > 0:
+            bn = self.bn
+            assert bn.running_mean is not None and bn.running_var is not None
+            values = bn.bias.detach() - bn.running_mean * bn.weight.detach() / torch.sqrt(
+                bn.running_var + bn.eps
+            )
+            out = F.pad(out, [self.pad] * 4)
+            values = values.view(1, -1, 1, 1)
+            p = self.pad
+            out[:, :, 0:p, :] = values
+            out[:, :, -p:, :] = values
+            out[:, :, :, 0:p] = values
+            out[:, :, :, -p:] = values
+        return out
+
+
+class IdentityBasedConv1x1(nn.Conv2d):
+    """DBB's 1×1 conv that starts as the identity: its kernel is a zero-initialised weight
+    plus a fixed identity buffer, added on every call."""
+
+    def __init__(self, channels: int, groups: int = 1):
+        super().__init__(channels, channels, 1, groups=groups, bias=False)
+        per_group = channels // groups
+        identity = torch.zeros(channels, per_group, 1, 1)
+        for c in range(channels):
+            identity[c, c % per_group, 0, 0] = 1
+        self.register_buffer("id_tensor", identity)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = self.weight + self.id_tensor
+        return F.conv2d(x, kernel, None, 1, 0, 1, self.groups)
+
+
+class DiverseBranchBlock(nn.Module):
+    """Diverse Branch Block (Ding et al. 2021), from its repository's description: a k×k
+    conv-bn; a 1×1 conv-bn; a 1×1 conv → batch norm padded with its image of zero → k×k
+    average pool → batch norm; a 1×1 (identity-initialised when it keeps the channels) → batch
+    norm padded the same way → k×k conv → batch norm; all summed. Depthwise blocks (groups =
+    channels) have no 1×1 branch and pool the input directly."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1):
+        super().__init__()
+        padding = k // 2
+        self.origin = conv_bn(cin, cout, k, stride, padding, groups)
+        self.avg = nn.Sequential()
+        if groups < cout:
+            self.avg.add_module("conv", nn.Conv2d(cin, cout, 1, 1, 0, groups=groups, bias=False))
+            self.avg.add_module("bn", BNAndPad(padding, cout))
+            self.avg.add_module("pool", nn.AvgPool2d(k, stride, 0))
+            self.branch_1x1: nn.Module | None = conv_bn(cin, cout, 1, stride, 0, groups)
+        else:
+            self.avg.add_module("pool", nn.AvgPool2d(k, stride, padding))
+            self.branch_1x1 = None
+        self.avg.add_module("avgbn", nn.BatchNorm2d(cout))
+        internal = cin if groups < cout else 2 * cin
+        self.kxk = nn.Sequential()
+        if internal == cin:
+            self.kxk.add_module("idconv1", IdentityBasedConv1x1(cin, groups))
+        else:
+            self.kxk.add_module("conv1", nn.Conv2d(cin, internal, 1, groups=groups, bias=False))
+        self.kxk.add_module("bn1", BNAndPad(padding, internal))
+        self.kxk.add_module("conv2", nn.Conv2d(internal, cout, k, stride, 0, groups=groups, bias=False))
+        self.kxk.add_module("bn2", nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.origin(x)
+        if self.branch_1x1 is not None:
+            out += self.branch_1x1(x)
+        out += self.avg(x)
+        out += self.kxk(x)
+        return F.relu(out)
+
+
+class QARepVGGBlockV2(nn.Module):
+    """YOLOv6's quantization-aware RepVGG block (v2), from its description: 3×3 conv-bn, a
+    bias-free 1×1 conv, the identity and a 3×3 average pool (stride 1, padding 1) summed, then
+    one batch norm after the sum and ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dense = conv_bn(channels, channels, 3, 1, 1)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.avg = nn.AvgPool2d(3, 1, 1)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn(self.dense(x) + self.pointwise(x) + x + self.avg(x)))
+
+
+class ImplicitHead(nn.Module):
+    """YOLOR's implicit knowledge around a detection head's 1×1 conv: a learned per-channel
+    shift before it (``ImplicitA``: ``conv(x + a)``) and scale after it (``ImplicitM``)."""
+
+    def __init__(self, channels: int, outputs: int):
+        super().__init__()
+        self.shift = nn.Parameter(torch.randn(1, channels, 1, 1) * 0.1)
+        self.conv = nn.Conv2d(channels, outputs, 1)
+        self.scale = nn.Parameter(1 + torch.randn(1, outputs, 1, 1) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * self.conv(self.shift + x)
+
+
+class NormLinearHead(nn.Module):
+    """timm's ``NormLinear`` classifier head after global pooling of conv features: batch
+    norm → dropout → linear on the pooled features, twice (RepViT's distillation heads,
+    averaged)."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        self.features = conv_bn(3, channels, 3, 1, 1)
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(channels), nn.Dropout(0.1), nn.Linear(channels, classes)
+        )
+        self.head_dist = nn.Sequential(
+            nn.BatchNorm1d(channels), nn.Dropout(0.1), nn.Linear(channels, classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = F.relu(self.features(x)).mean((2, 3))
+        return (self.head(pooled) + self.head_dist(pooled)) / 2
+
+
+class LinearNorm(nn.Module):
+    """LeViT's linear layer + batch norm on tokens ``(B, N, C)``: the batch norm normalizes
+    the features of the flattened ``(B·N, C)``, then the tokens get their shape back."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class TokenMixer(nn.Module):
+    """Conv features as tokens (LeViT's stem hand-off), then ``LinearNorm`` twice."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.stem = conv_bn(3, channels, 3, 2, 1)
+        self.first = LinearNorm(channels, 2 * channels)
+        self.second = LinearNorm(2 * channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        return self.second(F.hardswish(self.first(tokens)))
+
+
 __all__ = [
     "ACBlock",
+    "BNAndPad",
     "CSLABlock",
     "Crop",
     "DilatedReparam",
+    "DiverseBranchBlock",
+    "IdentityBasedConv1x1",
+    "ImplicitHead",
+    "LinearNorm",
+    "NormLinearHead",
+    "QARepVGGBlockV2",
+    "TokenMixer",
     "FunctionalBNAct",
     "MobileOneBlock",
     "RepVGGBlock",

@@ -25,7 +25,7 @@ from torch.fx import Node
 from fxfuse import kernels
 from fxfuse.effects import value_users
 from fxfuse.maps import Layer, per_channel, same_values
-from fxfuse.rules import Match, RewriteContext, Rule, at_least_rank
+from fxfuse.rules import Match, RewriteContext, Rule
 from fxfuse.weights import Weight, apply
 
 __all__ = ["FoldAffineIntoLayer"]
@@ -105,8 +105,11 @@ class FoldAffineIntoLayer(Rule[AffineLayer]):
             for w in (match.scale, match.shift):
                 if w is not None and not per_channel(w, channels, from_end):
                     return f"the {match.label} is not per input channel"
-            if layer.kind == "linear" and match.rank > 1 and ctx.rank(match.source) is None:
+            rank = ctx.rank(match.source)
+            if layer.kind == "linear" and match.rank > 1 and (rank is None or rank < match.rank):
                 return "a scale of more than one dim would change the rank of the input"
+            if layer.kind != "linear" and match.rank > layer.ndim + 2:
+                return f"a scale of {match.rank} dims would add dims to the output"
         combo_dtype = ctx.combination(mapped)
         if combo_dtype is not None:
             promoted = combo_dtype.promotion(layer.dtype)
@@ -150,8 +153,6 @@ class FoldAffineIntoLayer(Rule[AffineLayer]):
             sources=match.sources + layer.sources,
             name=layer.name,
         )
-        if match.rank > layer.ndim + 1 and (ctx.rank(match.source) or 0) < match.rank:
-            new = ctx.call(at_least_rank, new, match.rank)  # an unbatched input grows a dim
         return new
 
     def describe(self, match: AffineLayer) -> str:

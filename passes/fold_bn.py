@@ -27,7 +27,10 @@ from dataclasses import dataclass
 
 from torch.fx import Node
 
+import torch
+
 from fxfuse import kernels
+from fxfuse.dialects import bind, target_name
 from fxfuse.effects import value_users
 from fxfuse.maps import Affine, Combination, Layer, per_channel
 from fxfuse.rules import Match, RewriteContext, Rule
@@ -102,6 +105,35 @@ def folded(
 class LayerBatchNorm(Match):
     layer: Layer | None  # None: the batch norm reads something no layer can absorb
     bn: Affine
+    reshape: Node | None = None  # a reshape between them that keeps the features last
+
+
+_RESHAPES = frozenset({"flatten", "reshape", "view"})
+
+
+def _feature_reshape(node: Node, ctx: RewriteContext) -> tuple[Layer, Node] | None:
+    """``node = reshape(linear(x))`` that keeps the features as the last dim, only user of the
+    linear layer's output: LeViT's ``bn(linear(x).flatten(0, 1))``."""
+    if node.op not in ("call_method", "call_function") or target_name(node) not in _RESHAPES:
+        return None
+    if not node.args or not isinstance(node.args[0], Node):
+        return None
+    layer = ctx.layer(node.args[0])
+    if layer is None or layer.kind != "linear" or len(value_users(layer.node)) != 1:
+        return None
+    args = bind(torch.flatten, node) if target_name(node) == "flatten" else None
+    if args is not None:
+        rank = ctx.rank(layer.node)
+        end = args["end_dim"]
+        if rank is None or not isinstance(end, int) or end % rank == rank - 1:
+            return None
+        return layer, node
+    shape = node.args[1:]
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    if shape and shape[-1] == layer.out_channels:
+        return layer, node
+    return None
 
 
 class FoldBn(Rule[LayerBatchNorm]):
@@ -115,8 +147,11 @@ class FoldBn(Rule[LayerBatchNorm]):
         if bn is None:
             return
         layer = ctx.layer(bn.input)
+        reshaped = _feature_reshape(bn.input, ctx) if layer is None else None
         if layer is not None:
             yield LayerBatchNorm(node, layer=layer, bn=bn, absorbed=[layer.node])
+        elif reshaped is not None:
+            yield LayerBatchNorm(node, layer=reshaped[0], bn=bn, reshape=reshaped[1])
         elif ctx.combination(bn.input) is None:  # a sum is fold-bn-into-branches' to explain
             yield LayerBatchNorm(node, layer=None, bn=bn)
 
@@ -139,12 +174,17 @@ class FoldBn(Rule[LayerBatchNorm]):
                 f"batch norm has {bn.channels} channels but the {layer.describe()} "
                 f"produces {layer.out_channels}"
             )
-        return channel_axis_reason(layer, bn, layer.node, ctx)
+        return channel_axis_reason(layer, bn, match.reshape or layer.node, ctx)
 
     def rewrite(self, match: LayerBatchNorm, ctx: RewriteContext) -> Node:
         layer, bn = match.layer, match.bn
         assert layer is not None and bn.scale is not None
-        return folded(ctx, layer, bn.scale, bn.shift, bn.sources)
+        new = folded(ctx, layer, bn.scale, bn.shift, bn.sources)
+        if match.reshape is not None:  # the same reshape, of the folded layer
+            old, folded_layer = layer.node, new
+            new = ctx.graph.node_copy(match.reshape, lambda n: folded_layer if n is old else n)
+            match.redirects[old] = folded_layer  # (``reshape_as(linear_out)`` reads its shape)
+        return new
 
     def describe(self, match: LayerBatchNorm) -> str:
         layer = match.layer.describe() if match.layer is not None else "?"

@@ -37,7 +37,7 @@ from fxfuse.effects import value_users
 from fxfuse.geometry import Geometry
 from fxfuse.kernels import MergedWindow, Window, align_windows
 from fxfuse.maps import Chain, Combination, Layer, as_chain, per_channel
-from fxfuse.rules import Match, RewriteContext, Rule, at_least_rank
+from fxfuse.rules import Match, RewriteContext, Rule
 from fxfuse.weights import Const, Weight, apply, const, is_one, mul
 
 __all__ = ["BranchGroup", "MergeBranches", "Term"]
@@ -315,9 +315,6 @@ class MergeBranches(Rule[BranchGroup]):
         total = merged
         for c, operand in group.rest:
             total = _add_scaled(ctx, total, c, operand, first)
-        rank = group.combination.max_rank
-        if rank > first.ndim + 1 and (ctx.rank(group.combination.root) or 0) < rank:
-            total = ctx.call(at_least_rank, total, rank)  # an unbatched input grows a dim
         anchor = group.combination.anchor
         if anchor is not None:  # ``a += …`` whose ``a`` others see: still updated in place
             total = ctx.call(operator.iadd, anchor, total)

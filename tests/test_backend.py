@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -78,17 +80,74 @@ def test_weights_updated_in_place_after_compiling_are_seen() -> None:
         assert relative_error(model(x), compiled(x)) <= 1e-5
 
 
-def test_grad_enabled_runs_unfused_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+def _adam_fused(model: nn.Module) -> None:
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05, fused=True)
+    model(torch.randn(4, 3, 16, 16)).square().mean().backward()
+    optimizer.step()
+    model.eval()
+
+
+def _recalibrate(model: nn.Module) -> None:
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 16, 16))  # batch-norm statistics move, no version bump
+    model.eval()
+
+
+def _data_mul(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.data.mul_(1.25)
+
+
+@pytest.mark.parametrize(
+    "update", [_adam_fused, _recalibrate, _data_mul], ids=["adam-fused", "bn-stats", "data"]
+)
+def test_updates_no_version_counter_sees_are_seen(update: Callable[[nn.Module], None]) -> None:
     model = randomize_batch_norms(repvgg_net().eval())
     x = torch.randn(1, 3, 16, 16)
     compiled = _compiled(model)
+    with torch.no_grad():
+        compiled(x)
+    for _ in range(2):
+        update(model)
+        with torch.no_grad():
+            assert relative_error(model(x), compiled(x)) <= 1e-5
+
+
+def test_with_gradients_the_fused_graph_trains_the_original_parameters() -> None:
+    # live weights: the merged kernels are computed from the parameters on every call, so
+    # autograd reaches the parameters through them (one conv per block, the multi-branch
+    # model's gradients)
+    model = randomize_batch_norms(repvgg_net().eval())
+    x = torch.randn(2, 3, 16, 16)
+    compiled = _compiled(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxfuse.FxFuseWarning)  # nothing to warn about
+        compiled(x).square().sum().backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for fused, (name, p) in zip(fused_grads, model.named_parameters(), strict=True):
+        assert relative_error(p.grad, fused) <= 1e-5, name
+    with torch.no_grad():
+        compiled(x)  # dynamo compiles again for no_grad (outside the profiler's count)
+    assert count_ops_profiled(compiled, x)["conv"] == 5
+
+
+def test_frozen_weights_with_gradients_run_unfused_and_say_so_once() -> None:
+    model = randomize_batch_norms(repvgg_net().eval())
+    x = torch.randn(1, 3, 16, 16)
+    compiled = _compiled(model, weights="frozen")
     fxfuse.backend._warned.discard("grad")
-    with caplog.at_level(logging.WARNING, logger="fxfuse"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = compiled(x)
         out.sum().backward()
         compiled(x)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert sum("gradients are enabled" in r.getMessage() for r in caplog.records) == 1
+    messages = [str(w.message) for w in caught if w.category is fxfuse.FxFuseWarning]
+    assert sum("gradients are enabled" in m for m in messages) == 1
     assert relative_error(model(x), out) <= 1e-5
     with torch.no_grad():
         compiled(x)  # dynamo compiles again for no_grad (it guards on grad mode): fused
