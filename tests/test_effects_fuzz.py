@@ -33,7 +33,15 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import fxfuse
-from fxfuse.testing.oracle import Side, Snapshot, same_effects
+from fxfuse.testing.oracle import (
+    InputMismatch,
+    OutputMismatch,
+    Side,
+    Snapshot,
+    StateMismatch,
+    StoreMismatch,
+    same_effects,
+)
 from fxfuse.testing.programs import HookSpec, Program, ProgramSpec, Step, programs, render
 from fxfuse.verify import buffers_restored
 
@@ -214,34 +222,40 @@ _HOOK = HookSpec("leaf", "forward", "record")
 
 
 @pytest.mark.parametrize(
-    ("spec", "how", "message"),
+    ("spec", "how", "kind", "message"),
     [
         (
             ProgramSpec(4, True, 0, (Step("conv-bn"), Step("iadd", 1, 1))),
             "on copies",
+            InputMismatch,
             "call 1 .*input 1 after the call",
         ),
         (
             ProgramSpec(4, False, 0, (Step("conv-bn"), Step("random-act", 1))),
             "frozen",
+            OutputMismatch,
             "call 2 .*output",
         ),
         (
             ProgramSpec(4, False, 1, (Step("conv-bn"), Step("buffer"))),
             "state restored",
+            StateMismatch,
             "call 1 .*state 's0'",
         ),
         (
             ProgramSpec(4, False, 0, (Step("conv-bn"),), (_HOOK,)),
             "store copied",
+            StoreMismatch,
             r"call 1 .*store: keys \[\], expected \['hook0'\]",
         ),
     ],
 )
-def test_the_oracle_catches_a_wrong_effect(spec: ProgramSpec, how: str, message: str) -> None:
+def test_the_oracle_catches_a_wrong_effect(
+    spec: ProgramSpec, how: str, kind: type[Exception], message: str
+) -> None:
     program, wrong = _wrong(spec, how)
     reference, store = program.build()
-    with pytest.raises(AssertionError, match=message):
+    with pytest.raises(kind, match=message):
         same_effects(Side(reference, reference, store), wrong, _calls(program))
     # and a second build of the same program passes
     reference, store = program.build()

@@ -36,7 +36,49 @@ from torch import Tensor, nn
 
 from fxfuse.testing import relative_error
 
-__all__ = ["Side", "Snapshot", "clone_inputs", "describe_inputs", "same_effects", "tracing_objects"]
+__all__ = [
+    "CallerChanged",
+    "CandidateRaised",
+    "EffectMismatch",
+    "InputMismatch",
+    "OutputMismatch",
+    "Side",
+    "Snapshot",
+    "StateMismatch",
+    "StoreMismatch",
+    "clone_inputs",
+    "describe_inputs",
+    "same_effects",
+    "tracing_objects",
+]
+
+
+class EffectMismatch(AssertionError):
+    """The candidate is not the same model as the reference (see :func:`same_effects`)."""
+
+
+class OutputMismatch(EffectMismatch):
+    """An output differs."""
+
+
+class InputMismatch(EffectMismatch):
+    """A caller's input tensor differs after the call (an in-place update lost or added)."""
+
+
+class StateMismatch(EffectMismatch):
+    """A parameter or buffer forward changes differs, or the candidate has no such state."""
+
+
+class StoreMismatch(EffectMismatch):
+    """What hooks recorded differs, or holds a tracing object."""
+
+
+class CandidateRaised(EffectMismatch):
+    """The candidate raised where the reference did not."""
+
+
+class CallerChanged(AssertionError):
+    """Something the caller owns changed where nothing should have (see :class:`Snapshot`)."""
 
 
 @dataclass
@@ -146,8 +188,10 @@ def same_effects(
     no seeding; then the programs must be deterministic). ``after_call(i)`` runs after each
     call's checks (to check a :class:`Snapshot`, say). Returns the number of calls compared.
 
-    Raises ``AssertionError`` naming the call, its input shapes and every difference found;
-    a candidate that raises where the reference does not is a difference too.
+    Raises an :class:`EffectMismatch` naming the call, its input shapes and every
+    difference found; its type says what differs first (:class:`OutputMismatch`,
+    :class:`InputMismatch`, :class:`StateMismatch`, :class:`StoreMismatch`, or
+    :class:`CandidateRaised` where the candidate raises and the reference does not).
     """
     mutated: set[str] = set()
     count = 0
@@ -165,13 +209,15 @@ def same_effects(
                 actual = candidate.call(*cand_inputs)
             except Exception as error:
                 first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-                raise AssertionError(
+                raise CandidateRaised(
                     f"{where}: the candidate raised {type(error).__name__}: {first}"
                 ) from error
-        problems: list[str] = []
-        _differences(expected, actual, "output", tolerance, problems)
+        outputs: list[str] = []
+        _differences(expected, actual, "output", tolerance, outputs)
+        inputs_after: list[str] = []
         for k, (r, c) in enumerate(zip(ref_inputs, cand_inputs, strict=True)):
-            _differences(r, c, f"input {k} after the call", tolerance, problems)
+            _differences(r, c, f"input {k} after the call", tolerance, inputs_after)
+        state: list[str] = []
         ref_state = _named_state(reference.state)
         mutated.update(
             name
@@ -181,18 +227,30 @@ def same_effects(
         cand_state = _named_state(candidate.state)
         for name in sorted(mutated):
             if name not in cand_state:
-                problems.append(
+                state.append(
                     f"state {name!r}: forward changes it, but the candidate has no {name!r}"
                 )
             else:
-                _differences(
-                    ref_state[name], cand_state[name], f"state {name!r}", tolerance, problems
-                )
+                _differences(ref_state[name], cand_state[name], f"state {name!r}", tolerance, state)
+        store: list[str] = []
         if reference.store is not None or candidate.store is not None:
-            problems += tracing_objects(candidate.store, "store")
-            _differences(reference.store, candidate.store, "store", tolerance, problems)
-        if problems:
-            raise AssertionError(f"{where}: " + "; ".join(problems))
+            store += tracing_objects(candidate.store, "store")
+            _differences(reference.store, candidate.store, "store", tolerance, store)
+        found = [
+            (kind, lines)
+            for kind, lines in [
+                (OutputMismatch, outputs),
+                (InputMismatch, inputs_after),
+                (StateMismatch, state),
+                (StoreMismatch, store),
+            ]
+            if lines
+        ]
+        if found:
+            # the first kind names the failure (hypothesis tells failures apart by type)
+            raise found[0][0](
+                f"{where}: " + "; ".join(line for _, lines in found for line in lines)
+            )
         if after_call is not None:
             after_call(i)
         count += 1
@@ -224,7 +282,8 @@ class Snapshot:
 
     def assert_unchanged(self, when: str) -> None:
         lines = self.changes()
-        assert not lines, f"{when}, the caller's objects changed: " + "; ".join(lines)
+        if lines:
+            raise CallerChanged(f"{when}, the caller's objects changed: " + "; ".join(lines))
 
 
 def _record(value: Any) -> Any:

@@ -92,11 +92,11 @@ class InplaceShift(nn.Module):
 #: (``effects=``). Besides these, steps are blocks (``conv-bn``, ``repvgg``, ``branches``)
 #: and plain ops (``act``, ``add``).
 EFFECTS = {
-    "in-place": ("narrow-add", "iadd", "relu_", "mul_"),
+    "in-place": ("narrow-add", "iadd", "relu_", "mul_", "mutate-between"),
     "setitem": ("setitem",),
-    "buffers": ("buffer",),
+    "buffers": ("buffer", "buffer-scaled"),
     "random": ("random-act", "random-weight"),
-    "leaf": ("leaf",),
+    "leaf": ("leaf", "leaf-between"),
     "hooks": (),
 }
 
@@ -173,8 +173,8 @@ def program_specs(
     if unknown:
         raise ValueError(f"effects must be some of {sorted(EFFECTS)}, got {sorted(unknown)}")
     effect_kinds = [kind for name in effects for kind in EFFECTS[name]]
-    # blocks are drawn about as often as effects, so most programs have something to fuse
-    kinds = [*_BLOCKS, *_BLOCKS, "act", "add", *effect_kinds]
+    # (most effect steps compute a sum of branches too: there is plenty to fuse)
+    kinds = [*_BLOCKS, "act", "add", *effect_kinds]
     index, variant = st.integers(0, 7), st.integers(0, 2**12)
     step = st.builds(Step, st.sampled_from(kinds), index, index, variant)
     first = st.builds(Step, st.sampled_from(_BLOCKS), st.just(0), st.just(0), variant)
@@ -199,7 +199,7 @@ def program_specs(
     return ProgramSpec(
         channels=draw(st.sampled_from(channels)),
         takes_acc=draw(st.booleans()) if "in-place" in effects else False,
-        buffers=draw(st.integers(0, 2)) if "buffers" in effects else 0,
+        buffers=draw(st.integers(1, 2)) if "buffers" in effects else 0,
         steps=tuple(steps[i] for i in order),
         hooks=hooks,
         extra_output=draw(st.none() | st.integers(0, 7)),
@@ -409,6 +409,34 @@ class _Renderer:
         update = self.branch_sum(f"i{i}", s, k, step.variant // self.c)
         self.lines.append(f"{t}[:, :{k}] = {update}")
 
+    def _buffer_scaled(self, i: int, step: Step) -> None:
+        """Two branches, one scaled by a buffer (which a ``buffer`` step may change)."""
+        buffer = self.buffer(step.target)
+        s = self.value(step.source)
+        a, b = self.conv(f"k{i}_a", self.c, 3), self.conv(f"k{i}_b", self.c, 1)
+        scale = f" * {buffer}.unsqueeze(-1)" if buffer is not None else ""
+        self.new_value(f"{a}({s}){scale} + {b}({s})")
+
+    def _between(self, i: int, step: Step, effect: str) -> None:
+        """``s`` read by a sum, changed in place by ``effect``, read by a second sum, and the
+        two summed: a merge of the two would read ``s`` once, after the change."""
+        s = self.value(step.source)
+        first = self.branch_sum(f"p{i}", s, self.c, step.variant // 8)
+        self.lines.append(f"p{i} = {first}")
+        self.lines.append(effect)
+        second = self.branch_sum(f"q{i}", s, self.c, step.variant // 8 + 1)
+        self.new_value(f"p{i} + {second}")
+
+    def _mutate_between(self, i: int, step: Step) -> None:
+        s = self.value(step.source)
+        effects = (f"{s}.relu_()", f"{s}.mul_(0.5)", f"F.relu({s}, inplace=True)", f"{s}.add_(1.0)")
+        self._between(i, step, effects[step.variant % 4])
+
+    def _leaf_between(self, i: int, step: Step) -> None:
+        leaf = (InplaceSwish, InplaceShift)[step.variant % 2]
+        m = self.module(f"leaf{i}", leaf)
+        self._between(i, step, f"{m}({self.value(step.source)})")
+
     def _buffer(self, i: int, step: Step) -> None:
         buffer = self.buffer(step.target)
         if buffer is None:
@@ -435,9 +463,9 @@ class ProgramModule(nn.Module):
 
 
 def _scaled(value: Any, factor: float) -> Any:
-    if isinstance(value, Tensor):
-        return value * factor
-    return tuple(_scaled(v, factor) for v in value)
+    if isinstance(value, tuple):  # (a root returning several outputs)
+        return tuple(_scaled(v, factor) for v in value)
+    return value * factor  # (a Proxy while torch.fx traces through a container)
 
 
 def _record(store: dict[str, list[Any]], key: str, module: nn.Module, *args: Any) -> None:
