@@ -17,7 +17,6 @@ inputs and hook dicts as they were.
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import re
 import subprocess
@@ -37,6 +36,7 @@ import fxfuse
 import fxfuse.backend
 from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
 from fxfuse.testing.oracle import Side, Snapshot, same_effects
+from fxfuse.testing.programs import InplaceSwish, recorder
 from fxfuse.zoo import RepVGGBlock
 
 # (batch, height) of each call; width is height + 1, so every call has an odd and an even size.
@@ -355,17 +355,6 @@ def test_an_in_place_op_at_the_root_of_a_merged_sum(program: Program, surface: s
 # --------------------------------------------------------------------------------------------
 
 
-def _record(store: Store, key: str) -> Callable[..., None]:
-    def hook(module: nn.Module, *args: Any) -> None:
-        store.setdefault(key, []).append(args[-1] if len(args) == 2 else args[0][0])
-
-    return hook
-
-
-def _record_through_partial(store: Store, key: str, module: nn.Module, *args: Any) -> None:
-    store.setdefault(key, []).append(args[-1] if len(args) == 2 else args[0][0])
-
-
 def _hooked(where: str, kind: str, action: str) -> Callable[[Store], nn.Module]:
     """A RepVGG pair with one hook: on the ``root``, on the first block (a ``container``
     tracing goes through) or on its 3×3 ``conv`` (a leaf)."""
@@ -379,11 +368,7 @@ def _hooked(where: str, kind: str, action: str) -> Callable[[Store], nn.Module]:
             else:
                 module.register_forward_pre_hook(lambda m, args: (args[0] * 3,))
             return model
-        hook = (
-            functools.partial(_record_through_partial, store, "features")
-            if action == "record-partial"
-            else _record(store, "features")
-        )
+        hook = recorder(store, "features", partial=action == "record-partial")
         if kind == "forward":
             module.register_forward_hook(hook)
         else:
@@ -428,11 +413,6 @@ def test_hooks_keep_firing_on_every_call(program: Program, surface: str) -> None
 # --------------------------------------------------------------------------------------------
 # 4. Leaf modules (and opaque functions) that change their input in place
 # --------------------------------------------------------------------------------------------
-
-
-class InplaceSwish(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.mul_(torch.sigmoid(x))
 
 
 def gated(x: Tensor) -> Tensor:
@@ -634,28 +614,19 @@ def _vectors(*shape: int) -> Callable[[int, int, int], tuple[Tensor, ...]]:
     return make
 
 
-def _linear_beside_a_row_scale(s: nn.Module, x: Tensor) -> Tensor:
-    return s.a(x) * s.scale + s.b(x)  # scale [1, C]: a 1-d input gives a [1, C] output
+def _linear_beside_a_row_scale(store: Store) -> nn.Module:
+    def fn(s: nn.Module, x: Tensor) -> Tensor:
+        return s.a(x) * s.scale + s.b(x)  # scale [1, C]: a 1-d input gives a [1, C] output
+
+    return Forward(fn, a=nn.Linear(C, C), b=nn.Linear(C, C), scale=torch.rand(1, C) + 0.5)
 
 
 LAYOUT = {
     "row-scale-beside-linear-1d-input": Program(
-        lambda _: Forward(
-            _linear_beside_a_row_scale,
-            a=nn.Linear(C, C),
-            b=nn.Linear(C, C),
-            scale=torch.rand(1, C) + 0.5,
-        ),
-        _vectors(C),
-        surfaces=("optimize", "compile"),
+        _linear_beside_a_row_scale, _vectors(C), surfaces=("optimize", "compile")
     ),
     "row-scale-beside-linear-2d-input": Program(
-        lambda _: Forward(
-            _linear_beside_a_row_scale,
-            a=nn.Linear(C, C),
-            b=nn.Linear(C, C),
-            scale=torch.rand(1, C) + 0.5,
-        ),
+        _linear_beside_a_row_scale,
         _vectors(-1, C),
         surfaces=("optimize", "optimize-example", "compile"),
     ),
@@ -837,7 +808,7 @@ def test_a_kept_module_that_cannot_be_copied_is_shared(thing: str, how: str) -> 
         def make(store: Store) -> nn.Module:
             holder = Holder(shared)
             if how == "hooked":
-                holder.register_forward_hook(_record(store, "features"))
+                holder.register_forward_hook(recorder(store, "features"))
             return nn.Sequential(conv_bn(), holder, conv_bn(kernel=1))
 
         program = Program(make, leaf_modules=(Holder,) if how == "leaf_modules" else ())

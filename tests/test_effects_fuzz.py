@@ -11,11 +11,12 @@ captures. A model fxfuse declines (a ``CaptureError``, a rewrite it leaves out, 
 hook it reports as dropped) passes; only a *wrong* model fails, and hypothesis shrinks it to
 a few lines of ``forward`` (printed with the failure, hooks as comments above it).
 
-How much it draws (``CI=1``: the "ci" profile's 60 examples per @given; dev: 15):
-``fxfuse.optimize`` 60 programs, the ``torch.compile`` backend 20, the export path 20, the
-export fallback (``x[:, :k] = …``) 20; each program is called 3 times. Measured when every
-program passes (see the report that added this file): about 6 s, 25 s, 30 s and 25 s on the
-shared 2-core machine.
+How much it draws (``CI=1``: the "ci" profile's 60 examples; dev: 15), three calls each:
+``fxfuse.optimize`` 60 programs (half with example inputs), the export fallback 15, the
+``torch.compile`` backend 15, the export path 10 (dev: 15, 5, 5, 5). Per passing program on the
+shared 2-core machine: ~0.1 s, ~1 s, ~2 s and ~1.5 s, so about 6 + 15 + 30 + 15 ≈ 65 s in CI
+(dev ≈ 25 s). A failing run takes longer: hypothesis shrinks each kind of failure
+(:class:`~fxfuse.testing.oracle.EffectMismatch` subclasses are told apart).
 """
 
 from __future__ import annotations

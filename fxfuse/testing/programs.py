@@ -65,6 +65,7 @@ __all__ = [
     "build_program",
     "program_specs",
     "programs",
+    "recorder",
     "render",
 ]
 
@@ -472,14 +473,23 @@ def _record(store: dict[str, list[Any]], key: str, module: nn.Module, *args: Any
     store.setdefault(key, []).append(args[-1] if len(args) == 2 else args[0][0])
 
 
-def _attach(spec: HookSpec, module: nn.Module, key: str, store: dict[str, list[Any]]) -> None:
-    record: Callable[..., Any]
-    if spec.action == "record-partial":  # (deep-copied with its arguments, the store too)
-        record = functools.partial(_record, store, key)
-    else:
+def recorder(
+    store: dict[str, list[Any]], key: str, *, partial: bool = False
+) -> Callable[..., None]:
+    """A hook (forward or pre) that appends what flows (the output; a pre-hook's first
+    input) to ``store[key]``: a closure, or a ``functools.partial``, which ``copy.deepcopy``
+    copies with its arguments — the store too."""
+    if partial:
+        return functools.partial(_record, store, key)
 
-        def record(m: nn.Module, *args: Any) -> None:
-            _record(store, key, m, *args)
+    def record(module: nn.Module, *args: Any) -> None:
+        _record(store, key, module, *args)
+
+    return record
+
+
+def _attach(spec: HookSpec, module: nn.Module, key: str, store: dict[str, list[Any]]) -> None:
+    record = recorder(store, key, partial=spec.action == "record-partial")
 
     if spec.kind == "forward":
         if spec.action == "scale":
