@@ -707,7 +707,14 @@ def _swapped(model: nn.Module) -> None:
 
 def _optimizer(name: str, **kwargs: Any) -> Callable[[Any], torch.optim.Optimizer]:
     cls = getattr(torch.optim, name)
-    return lambda params: cls(params, lr=0.05, **kwargs)
+
+    def make(params: Any) -> torch.optim.Optimizer:
+        try:
+            return cls(params, lr=0.05, **kwargs)
+        except RuntimeError as error:  # (torch 2.14 runs all four fused on CPU; older may not)
+            pytest.skip(f"torch cannot run {name}({kwargs}) here: {error}")
+
+    return make
 
 
 UPDATES: dict[str, Callable[[nn.Module, Callable[..., Any]], None]] = {
