@@ -46,6 +46,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxfuse.api import fuse_graph
 from fxfuse.compare import compare_outputs
+from fxfuse.effects import Effects
 from fxfuse.errors import FxFuseError, VerificationError, warn
 from fxfuse.report import FusionReport
 
@@ -159,7 +160,8 @@ class _LiveWeights:
         self, fused: GraphModule, weight_indices: Sequence[int], inner: Any, args: Sequence[Any]
     ):
         self.weight_indices = list(weight_indices)
-        weight_part, rest, arity = _split_weights(fused, set(weight_indices))
+        held = {i: args[i] for i in weight_indices}
+        weight_part, rest, arity = _split_weights(fused, held)
         self.weights = weight_part
         self.arity = arity
         self._cached: tuple[Any, ...] | None = None
@@ -213,19 +215,23 @@ def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _split_weights(
-    fused: GraphModule, weight_positions: set[int]
+    fused: GraphModule, weights: dict[int, Tensor]
 ) -> tuple[GraphModule, GraphModule, int]:
     """``fused`` as two graphs: the nodes that depend on weight inputs only (and constants),
     returning the values the rest reads; and the rest, reading them as extra inputs."""
     graph = fused.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    weight_nodes = {placeholders[i] for i in weight_positions}
-    pure: set[Node] = set(weight_nodes)
+    held = {placeholders[i]: t for i, t in weights.items()}
+    weight_nodes = set(held)
+    # only what computes the same on every call from the same weights: no random op, no
+    # write, nothing reading memory the graph writes (a buffer updated in forward)
+    effects = Effects(graph, fused.get_submodule, held.get)
+    pure: set[Node] = {n for n in weight_nodes if not effects.written(n)}
     for node in graph.nodes:
         if node.op in ("call_function", "call_method", "get_attr") and all(
             i in pure for i in node.all_input_nodes
         ):
-            if node.op == "get_attr" or node.all_input_nodes:
+            if (node.op == "get_attr" or node.all_input_nodes) and effects.pure(node):
                 pure.add(node)
     boundary = [
         n

@@ -428,6 +428,13 @@ class Effects:
         t = self._tensor(node)
         return t is not None and _storage_key(t) in self._written_tensors
 
+    def writers_of(self, node: Node) -> list[Node]:
+        """The nodes that may write ``node``'s memory (through any alias)."""
+        self._visit(node)
+        return [
+            w for w in self._writers.get(self._find(node), []) if not getattr(w, "_erased", False)
+        ]
+
     def written_tensor(self, tensor: Tensor) -> bool:
         """Whether the graph (through any node reading it) or code it cannot see may change
         ``tensor`` — a module's own parameter, which no node of the graph names."""

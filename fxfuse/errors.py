@@ -7,9 +7,9 @@ from typing import Any
 
 __all__ = [
     "CaptureError",
-    "FxFuseWarning",
     "ConvergenceError",
     "FxFuseError",
+    "FxFuseWarning",
     "NondeterministicError",
     "TrainingModeError",
     "VerificationError",

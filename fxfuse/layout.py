@@ -175,8 +175,15 @@ _SAME_RANK_MODULES = (
 _BN_RANK = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
 # a conv's output rank where its input's is not proven: batched (the documented layout)
 _CONV_RANKS = {
-    F.conv1d: 3, F.conv2d: 4, F.conv3d: 5, torch.conv1d: 3, torch.conv2d: 4, torch.conv3d: 5,
-    F.conv_transpose1d: 3, F.conv_transpose2d: 4, F.conv_transpose3d: 5,
+    F.conv1d: 3,
+    F.conv2d: 4,
+    F.conv3d: 5,
+    torch.conv1d: 3,
+    torch.conv2d: 4,
+    torch.conv3d: 5,
+    F.conv_transpose1d: 3,
+    F.conv_transpose2d: 4,
+    F.conv_transpose3d: 5,
 }
 
 

@@ -342,6 +342,37 @@ class RewriteContext:
             return None  # (expand, repeat: never materialize a big tensor from a small one)
         return apply(fn, *args, result=result, **kwargs)
 
+    def why_not_constant(self, node: Node) -> str | None:
+        """Why ``node``, computed only from attributes and weights, is still not a constant:
+        one of them is changed in place (through any alias), or an op on them draws random
+        numbers or writes; ``None`` when it is a constant or not made of constants at all."""
+        if not self._may_be_constant(node) or self.weight(node) is not None:
+            return None
+        seen: set[Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            held = self._held(n)
+            if held is not None:
+                if self.effects.written(n):
+                    writer = next(
+                        (w.name for w in self.effects.writers_of(n)), "code fxfuse cannot see"
+                    )
+                    return (
+                        f"{n.target} is changed in place during the forward (by {writer}), "
+                        "so it is no constant: nothing folds it"
+                    )
+                continue
+            if self.effects.random(n):
+                return f"{n.name} draws random numbers on every call: left as it is"
+            if self.effects.writes(n):
+                return f"{n.name} changes a value in place: left as it is"
+            stack.extend(n.all_input_nodes)
+        return None
+
     def _held(self, node: Node) -> Tensor | None:
         """The tensor an attribute or a bound input holds, constant or not."""
         if node.op == "get_attr":
@@ -668,7 +699,9 @@ class _Driver:
 
     def _fail(self, rule: Rule[Any], match: Match, reason: str) -> None:
         assert self.ctx.validator is not None
-        warn(f"fxfuse: {rule.name} at {match.root.name} failed validation and was rolled back: {reason}")
+        warn(
+            f"fxfuse: {rule.name} at {match.root.name} failed validation and was rolled back: {reason}"
+        )
         self.ctx.decline(rule, match.root, f"failed validation: {reason}")
         self.ctx.validator.record_failure(rule.name, match.root.name, reason)
 

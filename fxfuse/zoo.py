@@ -250,7 +250,9 @@ class DiverseBranchBlock(nn.Module):
         else:
             self.kxk.add_module("conv1", nn.Conv2d(cin, internal, 1, groups=groups, bias=False))
         self.kxk.add_module("bn1", BNAndPad(padding, internal))
-        self.kxk.add_module("conv2", nn.Conv2d(internal, cout, k, stride, 0, groups=groups, bias=False))
+        self.kxk.add_module(
+            "conv2", nn.Conv2d(internal, cout, k, stride, 0, groups=groups, bias=False)
+        )
         self.kxk.add_module("bn2", nn.BatchNorm2d(cout))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -347,16 +349,16 @@ __all__ = [
     "Crop",
     "DilatedReparam",
     "DiverseBranchBlock",
+    "FunctionalBNAct",
     "IdentityBasedConv1x1",
     "ImplicitHead",
     "LinearNorm",
+    "MobileOneBlock",
     "NormLinearHead",
     "QARepVGGBlockV2",
-    "TokenMixer",
-    "FunctionalBNAct",
-    "MobileOneBlock",
     "RepVGGBlock",
     "RepViTMixer",
+    "TokenMixer",
     "conv_bn",
     "repvgg_net",
     "training_time_net",

@@ -29,7 +29,8 @@ __all__ = ["FoldConstants"]
 
 @dataclass
 class ConstantOp(Match):
-    value: Apply
+    value: Apply | None
+    refused: str | None = None  # why an op of constants is not a constant
 
 
 class FoldConstants(Rule[ConstantOp]):
@@ -40,15 +41,29 @@ class FoldConstants(Rule[ConstantOp]):
     ops = frozenset({"call_function", "call_method"})
 
     def matches(self, node: Node, ctx: RewriteContext) -> Iterator[ConstantOp]:
-        if ctx.live or not node.users:
+        if not node.users:
             return
         value = ctx.weight(node)
-        if isinstance(value, Apply):  # (a Leaf is an attribute already)
+        if isinstance(value, Apply) and not ctx.live:  # (a Leaf is an attribute already)
             yield ConstantOp(node, value=value)
+        elif value is None and all(u.op != "output" for u in node.users):
+            why = ctx.why_not_constant(node)
+            if why is not None and _feeds_no_other_constant_op(node, ctx):
+                yield ConstantOp(node, value=None, refused=why)
+
+    def check(self, match: ConstantOp, ctx: RewriteContext) -> str | None:
+        return match.refused
 
     def rewrite(self, match: ConstantOp, ctx: RewriteContext) -> Node:
+        assert match.value is not None
         return ctx.constant(evaluate(match.value), "folded")
 
     def describe(self, match: ConstantOp) -> str:
         target = match.root.target
         return f"{getattr(target, '__name__', target)}(constants) -> constant"
+
+
+def _feeds_no_other_constant_op(node: Node, ctx: RewriteContext) -> bool:
+    """Whether ``node`` is the last op of its chain of ops on constants (one explanation per
+    chain, at its end, not one per op)."""
+    return not any(ctx.why_not_constant(user) for user in node.users)

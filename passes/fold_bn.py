@@ -25,9 +25,8 @@ import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from torch.fx import Node
-
 import torch
+from torch.fx import Node
 
 from fxfuse import kernels
 from fxfuse.dialects import bind, target_name

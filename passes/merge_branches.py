@@ -201,6 +201,14 @@ class MergeBranches(Rule[BranchGroup]):
             excluded = [(branch, why) for branch, reads, why in stays if reads is x]
             trivial = len(members) == 1 and is_one(members[0].coefficient) and not folded
             trivial = trivial and members[0].chain is None
+            if trivial and x is combo.anchor:
+                excluded.append(
+                    (
+                        x,
+                        f"{x.name} is updated in place (its += of the layer), so it cannot become "
+                        "a kernel of the merged layer",
+                    )
+                )
             if trivial and excluded:  # nothing to merge because its siblings must stay
                 yield BranchGroup(
                     node,

@@ -142,7 +142,21 @@ def _against_timm(name: str) -> None:
     ours, timm_ops = count_ops(fused, x), count_ops(theirs, x)
     assert ours["conv"] <= timm_ops["conv"]
     assert ours["batch_norm"] <= timm_ops["batch_norm"] == 0
-    assert ours_error <= max(4 * theirs_error, 1e-12), (ours_error, theirs_error)
+    floor = _rounding_floor(model, x, reference)
+    assert ours_error <= max(4 * theirs_error, 4 * floor, 1e-12), (ours_error, theirs_error, floor)
+
+
+def _rounding_floor(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> float:
+    """How far the model's output moves when its weights move by float64 rounding (1e-15,
+    relative): any two exact conversions differ by about this much (repvgg_d2se's
+    squeeze-excite blocks with random statistics amplify it to ~1e-7)."""
+    perturbed = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            p.mul_(1 + 1e-15 * noise)
+        return relative_error(reference, perturbed(x))
 
 
 @pytest.mark.parametrize("name", TIMM_DEFAULT)
