@@ -22,22 +22,7 @@ from fxfuse.cli import build_parser, main
 from fxfuse.console import table
 from fxfuse.models import SpecError, load_model
 from fxfuse.testing import relative_error
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def fxfuse_cli(
-    *args: str, cwd: Path = ROOT, timeout: int = 300
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fxfuse", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout,
-        cwd=cwd,
-    )
-
+from tests.helpers import fxfuse_cli
 
 FACTORY = textwrap.dedent(
     """

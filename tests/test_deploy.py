@@ -7,7 +7,6 @@ runs it.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -21,8 +20,8 @@ from fxfuse.cli import main
 from fxfuse.deploy import DeployMatchError, deploy_state_dict, read_checkpoint
 from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
 from fxfuse.zoo import RepVGGBlock, conv_bn
+from tests.helpers import ROOT, fxfuse_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 REPVGG = ROOT / "examples" / "repvgg.py"
 sys.path.insert(0, str(ROOT))
 from examples.repvgg import create_RepVGG_A0  # noqa: E402
@@ -294,24 +293,15 @@ def repvgg_checkpoint(tmp_path: Path) -> Path:
 
 
 def test_convert_writes_a_checkpoint_the_deploy_class_loads(repvgg_checkpoint: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fxfuse",
-            "convert",
-            str(repvgg_checkpoint),
-            "--model",
-            f"{REPVGG}:create_RepVGG_A0(num_classes=10)",
-            "--into",
-            f"{REPVGG}:create_RepVGG_A0(deploy=True, num_classes=10)",
-            "--input-shape",
-            "1,3,32,32",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+    result = fxfuse_cli(
+        "convert",
+        str(repvgg_checkpoint),
+        "--model",
+        f"{REPVGG}:create_RepVGG_A0(num_classes=10)",
+        "--into",
+        f"{REPVGG}:create_RepVGG_A0(deploy=True, num_classes=10)",
+        "--input-shape",
+        "1,3,32,32",
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout

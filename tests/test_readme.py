@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
+from tests.helpers import fxfuse_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -150,14 +150,7 @@ def test_command_lines_run_as_written(readme_folder: Path) -> None:
     """Each command line, verbatim, in a folder with the files it names (``python -m fxfuse``
     is the ``fxfuse`` program)."""
     for words in command_lines():
-        result = subprocess.run(
-            [sys.executable, "-m", "fxfuse", *words[1:]],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=600,
-            cwd=readme_folder,
-        )
+        result = fxfuse_cli(*words[1:], cwd=readme_folder, timeout=600)
         assert result.returncode == 0, f"{shlex.join(words)}\n{result.stdout}\n{result.stderr}"
         if words[1] in ("optimize", "convert"):
             assert ": ok" in result.stdout, result.stdout
