@@ -648,6 +648,16 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     _debug_arg(parser, default=argparse.SUPPRESS)
 
 
+def _verify_arg(parser: argparse.ArgumentParser, default: int) -> None:
+    parser.add_argument(
+        "--verify",
+        type=_at_least(1),
+        default=default,
+        metavar="N",
+        help=f"compare outputs on N random inputs (default {default})",
+    )
+
+
 def _debug_arg(parser: argparse.ArgumentParser, default: Any) -> None:
     # on the main parser and on every command, so `fxfuse optimize X --debug` works as the
     # hints say; SUPPRESS keeps a command's parser from resetting the main one's value
@@ -673,13 +683,7 @@ def _optimize_parser(commands: Any) -> None:
         "mismatch.",
     )
     _model_args(opt, default_spec=DEFAULT_SPEC)
-    opt.add_argument(
-        "--verify",
-        type=_at_least(1),
-        default=4,
-        metavar="N",
-        help="compare outputs on N random inputs (default 4)",
-    )
+    _verify_arg(opt, default=4)
     opt.add_argument(
         "--save",
         type=Path,
@@ -789,13 +793,7 @@ def _convert_parser(commands: Any) -> None:
         help="input shape for the checks (default: the model's example_input_shape, else "
         "1,3,224,224)",
     )
-    convert.add_argument(
-        "--verify",
-        type=_at_least(1),
-        default=2,
-        metavar="N",
-        help="compare outputs on N random inputs (default 2)",
-    )
+    _verify_arg(convert, default=2)
     _common_args(convert)
     convert.set_defaults(run=run_convert, randomize_bn=False)
 
