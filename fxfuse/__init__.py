@@ -8,6 +8,7 @@ graph so each such block is one conv::
     fused = fxfuse.optimize(model.eval(), (x,), verify=True)   # checked on drawn inputs
     print(fused.fxfuse_report)
     fxfuse.verify(model, other_candidate, (x,))  # or check any candidate yourself
+    deploy.load_state_dict(fxfuse.deploy_state_dict(fused, deploy))  # your deploy class
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 
 from fxfuse.api import optimize
+from fxfuse.deploy import DeployMatchError, deploy_state_dict
 from fxfuse.errors import (
     CaptureError,
     ConvergenceError,
@@ -32,6 +34,7 @@ __all__ = [
     "CaptureError",
     "ConvergenceError",
     "Decline",
+    "DeployMatchError",
     "FusionOptions",
     "FusionReport",
     "FxFuseError",
@@ -47,6 +50,7 @@ __all__ = [
     "TrainingModeError",
     "VerificationError",
     "VerificationReport",
+    "deploy_state_dict",
     "optimize",
     "verify",
 ]

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 import fxfuse
 from fxfuse.compare import tolerance_for
-from fxfuse.console import format_seconds, progress, table
+from fxfuse.console import format_seconds, native_stderr_to_log, progress, table
 from fxfuse.testing import count_ops_profiled, relative_error
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "Variant",
     "compare",
     "environment",
+    "speed",
 ]
 
 log = logging.getLogger("fxfuse")
@@ -225,19 +226,23 @@ class Comparison:
 
     def table(self) -> str:
         """The side-by-side table, one row per variant."""
-        rows = [["variant", "latency ms", "vs eager", "convs run", "BNs run", "error", "convert"]]
+        rows = [
+            ["variant", "latency ms", "speed vs eager", "convs run", "BNs run", "error", "convert"]
+        ]
         notes = []
         for m in self.measurements:
             if m.status != "ok":
                 rows.append([m.variant, m.status] + ["-"] * 5)
                 notes.append(f"  {m.variant}: {_short(m.reason, 90)}")
                 continue
-            ratio = self.latency_ratio(m.variant, "eager")
+            eager = self.get("eager")
             rows.append(
                 [
                     m.variant,
                     f"{m.latency_ms:.2f}" if m.latency_ms is not None else "-",
-                    f"{ratio:.2f}x" if ratio is not None else "-",
+                    speed(m.latency_ms, eager.latency_ms if eager else None)
+                    if m.variant != "eager"
+                    else "-",
                     _count(m.convs),
                     _count(m.batch_norms),
                     f"{m.error:.1e}" if m.error is not None else "-",
@@ -254,6 +259,17 @@ class Comparison:
 
     def rounds(self) -> int:
         return max((m.rounds for m in self.measurements), default=0)
+
+
+def speed(latency_ms: float | None, baseline_ms: float | None) -> str:
+    """``latency_ms`` against ``baseline_ms`` in words: ``1.25× faster``, ``1.10× slower``
+    (within 1%: ``as fast``); ``-`` when either is missing."""
+    if latency_ms is None or not baseline_ms or not latency_ms:
+        return "-"
+    ratio = baseline_ms / latency_ms
+    if abs(ratio - 1) < 0.01:
+        return "as fast"
+    return f"{ratio:.2f}× faster" if ratio > 1 else f"{1 / ratio:.2f}× slower"
 
 
 def _short(text: str, width: int = 60) -> str:
@@ -388,7 +404,8 @@ def _compare(
     runnable: dict[str, Callable[..., Any]] = {}
     reference = _call(model, inputs, device)
     builds: dict[str, list[tuple[Built, float]]] = {}
-    for name in progress(names, "converting", enabled=show_progress):
+    steps = progress(names, "converting", enabled=show_progress, lines=True, label=str)
+    for name in steps:
         variant = VARIANTS[name]
         why = variant.unavailable(model)
         if why is not None:
@@ -406,7 +423,8 @@ def _compare(
             measurements[name] = Measurement(name, "failed", f"{type(error).__name__}: {error}")
             continue
         builds[name] = [(built, seconds)]
-        counts = count_ops_profiled(built.fn, *inputs)
+        with native_stderr_to_log():  # the profiler's own noise stays off the progress bar
+            counts = count_ops_profiled(built.fn, *inputs)
         measurements[name] = Measurement(
             name,
             "ok",
@@ -460,7 +478,8 @@ def _interleave(
         for name in names:
             _call(runnable[name], inputs, device)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in progress(range(rounds), "timing", total=rounds, enabled=show_progress):
+    steps = progress(range(rounds), "timing round", total=rounds, enabled=show_progress, lines=True)
+    for r in steps:
         shift = r % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
             fn = runnable[name]

@@ -5,12 +5,14 @@
     fxfuse optimize [SPEC] [--input-shape 1,3,224,224] [--verify N] [--save out.pt2|out.onnx]
     fxfuse inspect SPEC     # the re-parameterizable structures found; nothing is changed
     fxfuse bench SPEC       # latency side by side: eager, fxfuse, timm, fx, jit, Inductor
+    fxfuse convert train.pt --model SPEC --into SPEC   # a deploy class's state_dict
 
 SPEC is ``builtin:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``path/to/file.py:factory`` or
-``package.module:factory`` (:mod:`fxfuse.models`). ``fxfuse optimize`` with no SPEC fuses the
-built-in training-time network (:func:`fxfuse.zoo.training_time_net`), checks it against the
-original and prints what changed: the README's main job. Errors are one line and a hint;
-``--debug`` shows the traceback.
+``package.module:factory``, optionally with literal arguments, ``file.py:make(deploy=True)``
+(:mod:`fxfuse.models`). ``fxfuse optimize`` with no SPEC fuses the built-in training-time
+network (:func:`fxfuse.zoo.training_time_net`), checks it against the original and prints what
+changed: the README's main job. ``fxfuse`` alone prints this help and exits 0. Errors are one
+line and a hint (exit 2); ``--debug``, before or after the command, shows the traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import contextlib
 import io
 import json
 import logging
+import os
+import re
 import sys
+import textwrap
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -48,6 +53,8 @@ from fxfuse.testing import (
 
 __all__ = ["build_parser", "main"]
 
+log = logging.getLogger("fxfuse")
+
 DEFAULT_SPEC = "builtin:training_time_net"
 
 
@@ -74,14 +81,39 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple[int, ...]]:
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from error
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _load(args: argparse.Namespace, spec: str | None = None) -> tuple[LoadedModel, tuple[int, ...]]:
     """The model the spec names, its batch norms randomized where its weights are random."""
     torch.manual_seed(args.seed)
-    loaded = load_model(args.spec)
+    loaded = load_model(spec or args.spec)
     if loaded.random_weights or args.randomize_bn:
         randomize_batch_norms(loaded.model, args.seed)
     shape = args.input_shape or loaded.input_shape
     return loaded, shape
+
+
+def _note_mode(loaded: LoadedModel) -> None:
+    """Say so when a user's factory returned a training-mode model: the command line runs it
+    in eval mode (where the Python API would raise ``TrainingModeError``)."""
+    if loaded.was_training:
+        print(
+            f"note: {loaded.spec} returned the model in training mode; fxfuse switched it to "
+            "eval mode (batch norms use their running statistics, dropout is off)"
+        )
 
 
 def _describe(loaded: LoadedModel, shape: tuple[int, ...], randomized: bool) -> str:
@@ -145,13 +177,14 @@ def _fuse(model: nn.Module, x: Tensor | None, debug: bool) -> GraphModule:
 
 
 def run_optimize(args: argparse.Namespace) -> int:
-    if args.save is not None and args.save.suffix.lower() not in _SAVERS:
-        raise UsageError(f"cannot save as {args.save.name!r}", "use a .pt2 or .onnx file name")
+    if args.save is not None:
+        _check_save_path(args.save)  # before any work, not after it
     loaded, shape = _load(args)
     model = loaded.model
-    inputs = _inputs(shape, max(args.verify, 1), args.seed)
+    inputs = _inputs(shape, args.verify, args.seed)
     randomized = loaded.random_weights or args.randomize_bn
     print(f"fxfuse optimize {_describe(loaded, shape, randomized)}")
+    _note_mode(loaded)
     _first_input_error(model, inputs[0])
     fused = _fuse(model, inputs[0], args.debug)
     print(fused.fxfuse_report)
@@ -194,38 +227,122 @@ def run_optimize(args: argparse.Namespace) -> int:
         f"(tolerance {tolerance:g}): {verdict}"
     )
     if args.save is not None:
-        _save(fused, inputs[0], args.save)
-        print(f"saved the fused model to {args.save}")
+        shapes = _save(fused, inputs[0], args.save, static=args.static_shapes)
+        print(f"saved the fused model to {args.save}: {shapes}")
     return 0 if worst <= tolerance else 1
 
 
-def _save_pt2(fused: GraphModule, x: Tensor, path: Path) -> None:
-    torch.export.save(torch.export.export(fused, (x,)), str(path))
+# -- saving: torch.export archives and ONNX ----------------------------------------------------
 
 
-def _save_onnx(fused: GraphModule, x: Tensor, path: Path) -> None:
+def _check_save_path(path: Path) -> None:
+    """Everything ``--save`` needs, checked before the model is even built."""
+    suffix = path.suffix.lower()
+    if suffix not in _SAVERS:
+        raise UsageError(f"cannot save as {path.name!r}", "use a .pt2 or .onnx file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"cannot save to {path}: the folder {folder} does not exist", "create it")
+    if path.is_dir() or not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write {path}", "choose a file in a folder you can write to")
+    if suffix == ".onnx":
+        missing = [name for name in ("onnx", "onnxscript") if not _importable(name)]
+        if missing:
+            raise UsageError(
+                f"saving as ONNX needs {' and '.join(missing)} (not installed)",
+                "pip install 'fxfuse[onnx]'",
+            )
+
+
+def _importable(name: str) -> bool:
     try:
-        import onnxscript  # noqa: F401  (the exporter needs it)
-    except ImportError as error:
-        raise UsageError(
-            "saving as ONNX needs onnx and onnxscript", "pip install onnx onnxscript"
-        ) from error
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+def _dynamic_dims(x: Tensor) -> dict[int, Any]:
+    """Every dim of the input but the channels may vary: batch and spatial sizes."""
+    return {i: torch.export.Dim.AUTO for i in range(x.dim()) if i != 1}
+
+
+def _export(fused: GraphModule, x: Tensor, static: bool) -> tuple[Any, str]:
+    """``fused`` as an ``ExportedProgram`` and a sentence saying which input sizes it takes.
+
+    By default the batch and spatial dims are dynamic where the model allows (a flatten before
+    a linear layer fixes the spatial ones); the program is exported on a batch of two, since
+    torch.export fixes any dim that is 1 in its example.
+    """
+    shape = "x".join(map(str, x.shape))
+    if not static:
+        example = x.expand(2, *x.shape[1:]).contiguous() if x.shape[0] == 1 else x
+        try:
+            program = torch.export.export(fused, (example,), dynamic_shapes=(_dynamic_dims(x),))
+        except Exception as error:
+            log.debug("dynamic export failed", exc_info=True)
+            program = torch.export.export(fused, (x,))
+            why = str(error).strip().splitlines()[0][:100] if str(error).strip() else ""
+            return program, f"input fixed at {shape} (a dynamic export failed: {why})"
+        return program, _describe_dims(program, x)
+    return torch.export.export(fused, (x,)), f"input fixed at {shape} (--static-shapes)"
+
+
+_DIM_NAMES = {0: "batch", 1: "channels", 2: "height", 3: "width"}
+_DIM_LETTERS = {0: "N", 1: "C", 2: "H", 3: "W"}
+
+
+def _describe_dims(program: Any, x: Tensor) -> str:
+    """Which input dims of ``program`` vary and which are fixed, and any relation the model
+    imposes between them (a flatten before a linear layer: ``4*H*W == 256``)."""
+    placeholder = [n for n in program.graph.nodes if n.op == "placeholder"][-1]
+    dynamic, fixed = [], []
+    for i, size in enumerate(placeholder.meta["val"].shape):
+        name = _DIM_NAMES.get(i, f"dim {i}") if x.dim() == 4 else f"dim {i}"
+        if isinstance(size, int):
+            fixed.append(f"{name} {size}")
+        else:
+            dynamic.append(name)
+    text = f"{', '.join(dynamic)} dynamic" if dynamic else "every dim fixed"
+    text += f"; fixed: {', '.join(fixed)}" if fixed else ""
+    # torch keeps the relations it could not turn into ranges as guard expressions
+    letters = _DIM_LETTERS if x.dim() == 4 else {}
+    for guard in getattr(program, "_guards_code", None) or []:
+        readable = re.sub(
+            r"L\['[^']+'\]\.size\(\)\[(\d+)\]",
+            lambda m: letters.get(int(m[1]), f"dim{m[1]}"),
+            str(guard),
+        )
+        if readable.count("(") == 1:  # only the parentheses around one side
+            readable = readable.replace("(", "").replace(")", "")
+        text += f"; the model requires {readable}"
+    return text
+
+
+def _save_pt2(program: Any, path: Path) -> None:
+    torch.export.save(program, str(path))
+
+
+def _save_onnx(program: Any, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(fused, (x,), dynamo=True, verbose=False)
-    assert program is not None
-    program.save(str(path))
+        onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+    assert onnx_program is not None
+    onnx_program.save(str(path))
 
 
-_SAVERS: dict[str, Callable[[GraphModule, Tensor, Path], None]] = {
+_SAVERS: dict[str, Callable[[Any, Path], None]] = {
     ".pt2": _save_pt2,  # torch.export archive: loads without the model's source code
     ".onnx": _save_onnx,
 }
 
 
-def _save(fused: GraphModule, x: Tensor, path: Path) -> None:
-    """Write ``fused`` as a ``torch.export`` archive (.pt2) or an ONNX model (.onnx)."""
-    _SAVERS[path.suffix.lower()](fused, x, path)
+def _save(fused: GraphModule, x: Tensor, path: Path, *, static: bool = False) -> str:
+    """Write ``fused`` as a ``torch.export`` archive (.pt2) or an ONNX model (.onnx); returns
+    which input sizes the saved model takes."""
+    program, shapes = _export(fused, x, static)
+    _SAVERS[path.suffix.lower()](program, path)
+    return shapes
 
 
 # -- fxfuse inspect ----------------------------------------------------------------------------
@@ -278,6 +395,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     loaded, _ = _load(args)
     model = loaded.model
     print(f"fxfuse inspect {loaded.spec}")
+    _note_mode(loaded)
     original = symbolic_capture(model)
     fused = _fuse(model, None, args.debug)
     report = fused.fxfuse_report
@@ -336,20 +454,46 @@ def run_inspect(args: argparse.Namespace) -> int:
 # -- fxfuse bench ------------------------------------------------------------------------------
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    from fxfuse.bench import VARIANTS, compare
+def _device(text: str | None) -> torch.device:
+    """The device ``--device`` names, checked before any work (default: CUDA if present)."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise UsageError(
+            f"unknown device {text!r}", "use cpu or cuda (cuda:1 for a second GPU)"
+        ) from error
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(
+                f"--device {text}: torch {torch.__version__} sees no CUDA GPU here",
+                "use --device cpu, or leave --device out (CUDA when there is one)",
+            )
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {text}: there are {count} CUDA devices", "use cuda:0")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {text}: MPS is not available here", "use --device cpu")
+    return device
 
-    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+
+def run_bench(args: argparse.Namespace) -> int:
+    from fxfuse.bench import VARIANTS, compare, speed
+
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UsageError(
-            f"unknown variant {', '.join(unknown)}", f"choose from {','.join(VARIANTS)}"
+            f"unknown variant {', '.join(unknown)}", f"choose from {', '.join(VARIANTS)}"
         )
+    device = _device(args.device)
     loaded, shape = _load(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = loaded.model.to(device)
     x = _inputs(shape, 1, args.seed)[0].to(device)
-    print(f"fxfuse bench {_describe(loaded, shape, True)}", flush=True)
+    randomized = loaded.random_weights or args.randomize_bn
+    print(f"fxfuse bench {_describe(loaded, shape, randomized)}", flush=True)
+    _note_mode(loaded)
     _first_input_error(model, x)
     result = compare(
         model,
@@ -363,19 +507,111 @@ def run_bench(args: argparse.Namespace) -> int:
     print(result.table())
     fx = result.get("fxfuse")
     if fx is not None and fx.status == "ok":
-        phases = ", ".join(f"{k} {format_seconds(v)}" for k, v in fx.phases.items())
-        print(f"fxfuse conversion: {format_seconds(fx.convert_s)} ({phases})")
-    for baseline in ("timm", "inductor", "jit.freeze"):
-        ratio = result.latency_ratio("fxfuse", baseline)
-        if ratio is not None:
-            print(f"fxfuse latency / {baseline}: {ratio:.2f}")
+        phases = dict(fx.phases)
+        verify = phases.pop("verify", None)
+        parts = ", ".join(f"{k} {format_seconds(v)}" for k, v in phases.items())
+        print(f"fxfuse conversion: {format_seconds(fx.convert_s)} ({parts})")
+        if verify is not None:
+            print(
+                f"fxfuse.verify, after the conversion and not part of it: {format_seconds(verify)}"
+            )
+        against = [
+            f"{speed(fx.latency_ms, other.latency_ms)} than {other.variant}"
+            for other in result.measurements
+            if other.variant != "fxfuse" and other.status == "ok"
+        ]
+        if against and fx.latency_ms is not None:
+            print(f"fxfuse ({fx.latency_ms:.2f} ms): {', '.join(against)}")
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_dict(), indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
 
 
+# -- fxfuse convert ----------------------------------------------------------------------------
+
+
+def _load_checkpoint(model: nn.Module, args: argparse.Namespace, spec: str) -> None:
+    """Load ``args.checkpoint`` into ``model`` strictly; a mismatch is the user's to fix."""
+    from fxfuse.deploy import read_checkpoint
+
+    if not args.checkpoint.is_file():
+        raise UsageError(f"no such file: {args.checkpoint}", "give the training checkpoint")
+    state = read_checkpoint(str(args.checkpoint), args.key)
+    missing, unexpected = _key_differences(model, state)
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing keys ({_first(missing)})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected keys ({_first(unexpected)})"] if unexpected else []
+        raise UsageError(
+            f"{args.checkpoint} does not fit {spec}: {', '.join(parts)}",
+            "--model must build the training-time network the checkpoint was saved from",
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _key_differences(model: nn.Module, state: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+    expected = model.state_dict()
+    return [k for k in expected if k not in state], [k for k in state if k not in expected]
+
+
+def _first(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Training checkpoint → the deploy model's state_dict, checked, saved."""
+    from fxfuse.deploy import deploy_state_dict
+
+    output = args.output or args.checkpoint.with_name(args.checkpoint.stem + "_deploy.pt")
+    if not output.parent.is_dir():
+        raise UsageError(f"cannot save to {output}: the folder does not exist", "create it")
+    loaded, shape = _load(args, args.model)
+    model = loaded.model
+    print(f"fxfuse convert {args.checkpoint} with {loaded.spec} into {args.into}")
+    _note_mode(loaded)
+    _load_checkpoint(model, args, loaded.spec)
+    deploy = load_model(args.into)
+    inputs = _inputs(shape, args.verify, args.seed)
+    _first_input_error(model, inputs[0])
+    fused = _fuse(model, inputs[0], args.debug)
+    state = deploy_state_dict(fused, deploy.model, (inputs[0],))
+    deployed = deploy.model
+    deployed.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        worst = max(relative_error(model(x), deployed(x)) for x in inputs)
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    tolerance = tolerance_for(dtype)
+    before, after = count_ops(model, inputs[0]), count_ops(deployed, inputs[0])
+    print(
+        f"paired every layer of the fused model with {type(deployed).__name__}'s by structure: "
+        f"convolutions {before['conv']} → {after['conv']}, batch norms "
+        f"{before['batch_norm']} → {after['batch_norm']}"
+    )
+    verdict = "ok" if worst <= tolerance else "MISMATCH"
+    print(
+        f"worst normalised error, deploy model against the training model, over {len(inputs)} "
+        f"inputs of shape {'x'.join(map(str, shape))}: {worst:.2e} (tolerance {tolerance:g}): "
+        f"{verdict}"
+    )
+    if worst > tolerance:
+        return 1
+    torch.save(state, output)
+    print(
+        f"saved {len(state)} entries to {output}; load them with "
+        f"model.load_state_dict(torch.load({str(output)!r}))"
+    )
+    return 0
+
+
 # -- the parser --------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, wrapped at spaces only: ``jit.freeze`` or a path is never cut in two."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = " ".join(text.split())
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
 def _model_args(parser: argparse.ArgumentParser, *, default_spec: str | None) -> None:
@@ -395,14 +631,171 @@ def _model_args(parser: argparse.ArgumentParser, *, default_spec: str | None) ->
         help="input shape (default: 1,3,64,64 for builtin models, the model's own for timm, "
         "else 1,3,224,224)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for inputs and statistics")
+    _common_args(parser)
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for inputs and statistics (default 0)"
+    )
     parser.add_argument(
         "--randomize-bn",
         action="store_true",
         help="randomize batch-norm statistics of a model from a file too (library models "
         "always are: their weights are random anyway)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _debug_arg(parser, default=argparse.SUPPRESS)
+
+
+def _verify_arg(parser: argparse.ArgumentParser, default: int) -> None:
+    parser.add_argument(
+        "--verify",
+        type=_at_least(1),
+        default=default,
+        metavar="N",
+        help=f"compare outputs on N random inputs (default {default})",
+    )
+
+
+def _debug_arg(parser: argparse.ArgumentParser, default: Any) -> None:
+    # on the main parser and on every command, so `fxfuse optimize X --debug` works as the
+    # hints say; SUPPRESS keeps a command's parser from resetting the main one's value
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks and debug logs"
+    )
+
+
+def _parser(commands: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help, description=description, formatter_class=_HelpFormatter
+    )
+    return parser
+
+
+def _optimize_parser(commands: Any) -> None:
+    opt = _parser(
+        commands,
+        "optimize",
+        "fuse a model, verify it, print what changed",
+        "Fuse a model, compare it with the original on random inputs and print the report, "
+        "the ops that run before and after, and the worst normalised error. Exits 1 on a "
+        "mismatch.",
+    )
+    _model_args(opt, default_spec=DEFAULT_SPEC)
+    _verify_arg(opt, default=4)
+    opt.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the fused model: .pt2 (torch.export) or .onnx; its batch and spatial "
+        "sizes stay dynamic where the model allows",
+    )
+    opt.add_argument(
+        "--static-shapes",
+        action="store_true",
+        help="with --save: fix every input dim at the example's size",
+    )
+    opt.add_argument(
+        "--repeats", type=_at_least(1), default=10, help="latency repeats (default 10)"
+    )
+    opt.set_defaults(run=run_optimize)
+
+
+def _inspect_parser(commands: Any) -> None:
+    ins = _parser(
+        commands,
+        "inspect",
+        "show the re-parameterizable structures found",
+        "List, block by block, what fxfuse would fuse and what it would decline, and why. "
+        "The model is not changed.",
+    )
+    _model_args(ins, default_spec=None)
+    ins.add_argument(
+        "--max-declines",
+        type=_at_least(0),
+        default=20,
+        help="list at most this many declines (default 20)",
+    )
+    ins.set_defaults(run=run_inspect)
+
+
+def _bench_parser(commands: Any) -> None:
+    from fxfuse.bench import VARIANTS
+
+    bench = _parser(
+        commands,
+        "bench",
+        "latency side by side: eager, fxfuse, timm, …",
+        "Time the model as eager, fused by fxfuse and converted by the other tools, "
+        "interleaved in one process.",
+    )
+    _model_args(bench, default_spec=None)
+    bench.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated subset of {', '.join(VARIANTS)} (default all)",
+    )
+    bench.add_argument(
+        "--rounds", type=_at_least(1), default=20, help="interleaved timing rounds (default 20)"
+    )
+    bench.add_argument(
+        "--warmup",
+        type=_at_least(0),
+        default=3,
+        help="untimed calls per variant before timing (default 3)",
+    )
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results")
+    bench.set_defaults(run=run_bench)
+
+
+def _convert_parser(commands: Any) -> None:
+    convert = _parser(
+        commands,
+        "convert",
+        "a training checkpoint as a state_dict for your deploy class",
+        "Load CHECKPOINT (a state_dict, or a dict holding one) into the training model "
+        "--model builds, fuse it, pair its layers with the deploy model --into builds by "
+        "structure (execution order, shapes; never names), check that the deploy model "
+        "computes what the training model does, and save the deploy model's state_dict.",
+    )
+    convert.add_argument("checkpoint", type=Path, help="the training checkpoint (torch.save)")
+    convert.add_argument(
+        "--model",
+        required=True,
+        metavar="SPEC",
+        help="the training-time model, e.g. repvgg.py:create_RepVGG_A0",
+    )
+    convert.add_argument(
+        "--into",
+        required=True,
+        metavar="SPEC",
+        help="the deploy-time model, e.g. 'repvgg.py:create_RepVGG_A0(deploy=True)'",
+    )
+    convert.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="where to write the deploy state_dict (default: CHECKPOINT's name + _deploy.pt)",
+    )
+    convert.add_argument(
+        "--key", default=None, help="the checkpoint's entry that holds the state_dict"
+    )
+    convert.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=None,
+        metavar="N,C,H,W",
+        help="input shape for the checks (default: the model's example_input_shape, else "
+        "1,3,224,224)",
+    )
+    _verify_arg(convert, default=2)
+    _common_args(convert)
+    convert.set_defaults(run=run_convert, randomize_bn=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,48 +804,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fuse training-time networks (RepVGG, ACNet, MobileOne, conv+BN, …) into "
         "inference-time ones.",
         epilog="Models: builtin:training_time_net, torchvision:resnet50, timm:repvgg_a0, "
-        "path/to/file.py:factory. Library models get random weights; nothing is downloaded.",
+        "path/to/file.py:factory. Library models get random weights; nothing is downloaded. "
+        "`fxfuse COMMAND --help` describes a command.",
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    opt = commands.add_parser("optimize", help="fuse a model, verify it, print what changed")
-    _model_args(opt, default_spec=DEFAULT_SPEC)
-    opt.add_argument(
-        "--verify",
-        type=int,
-        default=4,
-        metavar="N",
-        help="compare outputs on N random inputs (default 4)",
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"fxfuse {fxfuse.__version__} (torch {torch.__version__})",
     )
-    opt.add_argument(
-        "--save",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="write the fused model: .pt2 or .onnx",
-    )
-    opt.add_argument("--repeats", type=int, default=10, help="latency repeats (default 10)")
-    opt.set_defaults(run=run_optimize)
-
-    ins = commands.add_parser("inspect", help="show the re-parameterizable structures found")
-    _model_args(ins, default_spec=None)
-    ins.add_argument("--max-declines", type=int, default=20, help="list at most this many declines")
-    ins.set_defaults(run=run_inspect)
-
-    bench = commands.add_parser("bench", help="latency side by side: eager, fxfuse, timm, …")
-    _model_args(bench, default_spec=None)
-    bench.add_argument(
-        "--variants",
-        default=None,
-        help="comma-separated subset of eager,fxfuse,timm,fx.fuse,jit.freeze,inductor,"
-        "fxfuse+inductor (default all)",
-    )
-    bench.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first")
-    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results")
-    bench.set_defaults(run=run_bench)
+    _debug_arg(parser, default=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _optimize_parser(commands)
+    _inspect_parser(commands)
+    _bench_parser(commands)
+    _convert_parser(commands)
     return parser
 
 
@@ -462,8 +828,15 @@ def _hint(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 a mismatch, 2 an error)."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 ok, 1 a mismatch, 2 an error).
+
+    Without a command it prints the help and returns 0.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s"
     )

@@ -1,17 +1,24 @@
 """Terminal output for the command line and the benchmarks: aligned tables and progress bars.
 
 Nothing here needs more than the standard library. A progress bar uses ``tqdm`` when it is
-installed and falls back to a one-line counter on a terminal (and to silence when the output
-is piped, so logs and test captures stay clean).
+installed and falls back to a one-line counter on a terminal. When the output is piped it is
+silent, or, for long runs that ask for it (``lines=True``), one plain line per step, so a log
+shows where the run is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TextIO, TypeVar
 
-__all__ = ["format_seconds", "progress", "table"]
+__all__ = ["format_seconds", "native_stderr_to_log", "progress", "table"]
+
+log = logging.getLogger("fxfuse")
 
 T = TypeVar("T")
 
@@ -75,6 +82,25 @@ class _Counter:
             self.stream.flush()
 
 
+def _lines(
+    iterable: Iterable[T],
+    total: int | None,
+    desc: str,
+    stream: TextIO,
+    label: Callable[[T], str] | None,
+) -> Iterator[T]:
+    """``desc n/total: label`` as a line before each step; at most about ten lines when the
+    steps are unlabelled (timing rounds)."""
+    every = 1 if label is not None or not total else max(1, total // 10)
+    for n, item in enumerate(iterable, 1):
+        if n % every == 0 or n == 1:
+            of = f"/{total}" if total is not None else ""
+            text = f": {label(item)}" if label is not None else ""
+            stream.write(f"{desc} {n}{of}{text}\n")
+            stream.flush()
+        yield item
+
+
 def progress(
     iterable: Iterable[T],
     desc: str,
@@ -82,19 +108,55 @@ def progress(
     total: int | None = None,
     enabled: bool = True,
     stream: TextIO | None = None,
+    lines: bool = False,
+    label: Callable[[T], str] | None = None,
 ) -> Iterable[T]:
     """Iterate over ``iterable`` with a progress bar on ``stream`` (default stderr).
 
-    The bar disappears when done and is never drawn when ``stream`` is not a terminal.
+    The bar disappears when done. When ``stream`` is not a terminal no bar is drawn; with
+    ``lines`` a plain line is written per step instead (``label(item)`` says what the step
+    is), so a long run whose output is piped is not silent.
     """
     stream = stream or sys.stderr
     if total is None and isinstance(iterable, Sequence):
         total = len(iterable)
     if not enabled:
         return iterable
+    if lines and not stream.isatty():
+        return _lines(iterable, total, desc, stream, label)
     try:
         from tqdm import tqdm
     except ImportError:
         return _Counter(iterable, total, desc, stream)
     disable = not stream.isatty()
     return tqdm(iterable, desc=desc, total=total, leave=False, file=stream, disable=disable)
+
+
+@contextlib.contextmanager
+def native_stderr_to_log() -> Iterator[None]:
+    """Hold back what native code writes to file descriptor 2 inside the block, and pass it
+    to the ``fxfuse`` logger at debug level.
+
+    ``torch.profiler`` starts Kineto, which prints ``USDT: … profiler_start`` and, without a
+    GPU, ``gpuGetDeviceCount failed`` straight to the descriptor, where it would break up a
+    progress bar; Python's ``sys.stderr`` cannot catch it.
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (captured)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode(errors="replace").strip()
+            if text:
+                log.debug("native output held back:\n%s", text)

@@ -5,7 +5,9 @@
   or negative padding becomes an ``F.pad`` in front of it;
 - the result keeps only what its graph uses, and owns all of it: modules and tensors it
   would otherwise share with the caller's model are deep-copied (weight tying preserved), so
-  neither model can change the other.
+  neither model can change the other;
+- ``print(result)`` lists submodules in the order the graph first uses them, and a container
+  that holds what is left of one of the model's blocks is named after it (``FusedRepVGGBlock``).
 """
 
 from __future__ import annotations
@@ -317,4 +319,44 @@ def emit(
     for module in fused.modules():
         if id(module) not in kept:
             module.training = False
+    _tidy(fused, resolve)
     return fused
+
+
+class FusedContainer(nn.Module):
+    """A submodule that only holds others: what is left of one of the model's blocks.
+    Printed as ``Fused`` + that block's class name."""
+
+    block_name = "Module"
+
+    def _get_name(self) -> str:
+        return f"Fused{self.block_name}"
+
+
+def _tidy(fused: GraphModule, resolve: Callable[[str], Any]) -> None:
+    """Order every module's children by first use in the graph (``GraphModule`` installs the
+    shallowest paths first, so a head printed before the blocks), and turn the plain
+    containers ``GraphModule`` makes into :class:`FusedContainer` named after the original."""
+    first_use: dict[str, int] = {}
+    for node in fused.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            parts = str(node.target).split(".")
+            for i in range(1, len(parts) + 1):
+                first_use.setdefault(".".join(parts[:i]), len(first_use))
+    for path, module in fused.named_modules():
+        prefix = f"{path}." if path else ""
+        if len(module._modules) > 1:
+            module._modules = dict(
+                sorted(
+                    module._modules.items(),
+                    key=lambda item: first_use.get(prefix + item[0], len(first_use)),
+                )
+            )
+        if path and type(module) is nn.Module:
+            try:
+                original = resolve(path)
+            except AttributeError:
+                original = None
+            module.__class__ = FusedContainer
+            if isinstance(original, nn.Module):
+                vars(module)["block_name"] = type(original).__name__

@@ -4,8 +4,10 @@
 ``builtin:NAME``           a network from :mod:`fxfuse.zoo` (``training_time_net``, …)
 ``torchvision:NAME``       ``torchvision.models.get_model(NAME, weights=None)``
 ``timm:NAME``              ``timm.create_model(NAME, pretrained=False)``
-``path/to/file.py:FN``     ``FN()`` from that file
+``path/to/file.py:FN``     ``FN()`` from that file (a function or an ``nn.Module`` class)
 ``package.module:FN``      ``FN()`` from an importable module
+``…:FN(key=value, …)``     ``FN`` called with those arguments (Python literals only), e.g.
+                           ``repvgg.py:create_RepVGG_A0(deploy=True)``
 =========================  ==============================================================
 
 Library models are always built with **random weights**: nothing is downloaded (backbone
@@ -15,10 +17,12 @@ statistics before any comparison, since default statistics hide a wrong fold.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,13 +56,15 @@ class LoadedModel:
 
     ``random_weights`` is true for library models built here without their trained weights
     (their batch norms may be randomized freely); false for a user's factory, whose weights
-    are the user's and must be left as they are.
+    are the user's and must be left as they are. ``was_training``: the factory returned the
+    model in training mode and :func:`load_model` switched it to eval mode.
     """
 
     spec: str
     model: nn.Module
     input_shape: tuple[int, ...]
     random_weights: bool
+    was_training: bool = False
 
 
 def _suggest(name: str, choices: list[str]) -> str:
@@ -132,20 +138,61 @@ def _factory_module(where: str) -> Any:
         ) from error
 
 
-def _factory(where: str, name: str, spec: str) -> LoadedModel:
+def _defined_in(module: Any) -> list[str]:
+    """The functions and classes a module defines itself (not the ones it imports)."""
+    return [
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and (inspect.isfunction(value) or inspect.isclass(value))
+        and getattr(value, "__module__", None) == module.__name__
+    ]
+
+
+def _call_arguments(text: str, spec: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(1, deploy=True)`` as positional and keyword arguments; Python literals only."""
+    try:
+        call = ast.parse(f"f{text}", mode="eval").body
+        assert isinstance(call, ast.Call)
+        args = tuple(ast.literal_eval(a) for a in call.args)
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg is not None}
+        if len(kwargs) != len(call.keywords):
+            raise ValueError("**kwargs")
+    except (SyntaxError, ValueError, AssertionError) as error:
+        raise SpecError(
+            f"cannot read the arguments in {spec!r}",
+            "write them as Python literals, e.g. file.py:make(deploy=True, width=0.5)",
+        ) from error
+    return args, kwargs
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _factory(where: str, name: str, call: str, spec: str) -> LoadedModel:
     module = _factory_module(where)
     factory = getattr(module, name, None)
     if not callable(factory):
-        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        raise SpecError(f"{where} has no function {name!r}", _suggest(name, names))
-    model = factory()
+        defined = _defined_in(module)
+        hint = _suggest(name, defined) or (
+            f"{where} defines {', '.join(defined)}" if defined else f"{where} defines nothing"
+        )
+        raise SpecError(f"{where} has no function {name!r}", hint)
+    args, kwargs = _call_arguments(call, spec) if call else ((), {})
+    model = factory(*args, **kwargs)
     if not isinstance(model, nn.Module):
+        kind = type(model).__name__
         raise SpecError(
-            f"{spec} returned a {type(model).__name__}, not an nn.Module",
+            f"{spec} returned {_article(kind)} {kind}, not an nn.Module",
             "the factory must return the model itself",
         )
     shape = tuple(getattr(model, "example_input_shape", (1, 3, 224, 224)))
     return LoadedModel(spec, model, shape, False)
+
+
+# where:name or where:name(arguments); ``where`` is the shortest prefix that leaves a name
+_SPEC = re.compile(r"(?P<where>.+?):(?P<name>[A-Za-z_]\w*)(?P<call>\(.*\))?", re.S)
 
 
 def load_model(spec: str) -> LoadedModel:
@@ -154,13 +201,17 @@ def load_model(spec: str) -> LoadedModel:
     Raises:
         SpecError: the spec names no model, or the library it needs is not installed.
     """
-    where, sep, name = spec.rpartition(":")
-    if not sep or not where or not name:
+    parsed = _SPEC.fullmatch(spec.strip())
+    if parsed is None:
         raise SpecError(
             f"cannot read model spec {spec!r}",
             "use builtin:NAME, torchvision:NAME, timm:NAME or path/to/file.py:factory",
         )
+    where, name, call = parsed["where"], parsed["name"], parsed["call"] or ""
     loaders = {"builtin": _builtin, "torchvision": _torchvision, "timm": _timm}
-    loaded = loaders[where](name) if where in loaders else _factory(where, name, spec)
+    if where in loaders and call:
+        raise SpecError(f"{where} models take no arguments here: {spec!r}", f"use {where}:{name}")
+    loaded = loaders[where](name) if where in loaders else _factory(where, name, call, spec)
+    loaded.was_training = loaded.model.training and not loaded.random_weights
     loaded.model.eval()
     return loaded

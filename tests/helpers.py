@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,4 +61,24 @@ def identity_branches(fused: GraphModule) -> int:
     ]
     return sum(
         part.endswith(("identity", "batch norm")) for line in merged for part in line.split(" + ")
+    )
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fxfuse_cli(
+    *args: str, cwd: Path = ROOT, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """``fxfuse ARGS`` as a user runs it (``python -m fxfuse`` is the same program), in a
+    subprocess with one intra-op thread, as the tests run (tests/conftest.py): two threads
+    on a shared 2-core machine wait for each other, by orders of magnitude under load."""
+    return subprocess.run(
+        [sys.executable, "-m", "fxfuse", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
