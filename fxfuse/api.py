@@ -11,15 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.passes.shape_prop import ShapeProp
 
-from fxfuse.capture import export_capture, symbolic_capture
 from fxfuse.emit import emit
-from fxfuse.errors import CaptureError, TrainingModeError, VerificationError
+from fxfuse.errors import TrainingModeError, VerificationError
 from fxfuse.ops import has_hooks
-from fxfuse.report import FusionReport, graph_stats
+from fxfuse.parts import fuse_model
+from fxfuse.report import FusionReport, Part, graph_stats
 from fxfuse.rules import FusionOptions, RewriteContext, Rule, RuleSet
-from fxfuse.verify import buffers_restored
+from fxfuse.verify import fresh_copies
 
 __all__ = ["fuse_graph", "optimize"]
 
@@ -34,11 +33,12 @@ def _rule_set(rules: RuleSet | Iterable[Rule[Any]] | None) -> RuleSet:
     return rules if isinstance(rules, RuleSet) else RuleSet.of(rules)
 
 
-def _left_alone(graph: Graph, ctx: RewriteContext) -> list[str]:
-    """Notes on modules fxfuse does not touch: quantized ones, hooked ones."""
+def _left_alone(graph: Graph, ctx: RewriteContext, skip: Mapping[str, Any]) -> list[str]:
+    """Notes on modules fxfuse does not touch: quantized ones, hooked ones (but not the parts
+    in ``skip``, which are reported as parts)."""
     notes = []
     for node in graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or node.target in skip:
             continue
         module = ctx.module(str(node.target))
         if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
@@ -153,57 +153,23 @@ def optimize(
             "Call model.eval() first (fxfuse never changes the mode of your model)."
         )
     options = _checked_options(options, example_inputs, verify)
-    start = time.perf_counter()
-    graph, root, capture = _capture(model, example_inputs, leaf_modules, concrete_args)
-    if example_inputs is not None and capture == SYMBOLIC:
-        # (it runs the caller's modules: a batch norm in training mode would update its stats)
-        with torch.no_grad(), buffers_restored(model):
-            ShapeProp(GraphModule(root, graph)).propagate(*example_inputs)
-    captured = time.perf_counter() - start
-    fused = fuse_graph(
-        graph,
-        root,
+    if example_inputs is not None:
+        example_inputs = fresh_copies(example_inputs)  # (nothing runs on the caller's own)
+    fused = fuse_model(
+        model,
+        example_inputs,
         rules=rules,
         options=options,
-        capture=capture,
-        class_name=f"Fused{type(model).__name__}",
-        parameters=sum(p.numel() for p in model.parameters()),
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
     )
-    report = fused.fxfuse_report
-    report.timings = {"capture": captured, **report.timings}
     if verify:
         assert example_inputs is not None
+        report = fused.fxfuse_report
         start = time.perf_counter()
         report.verification = _verify_result(model, fused, example_inputs, verify)
         report.timings["verify"] = time.perf_counter() - start
     return fused
-
-
-SYMBOLIC = "torch.fx.symbolic_trace"
-
-
-def _capture(
-    model: nn.Module,
-    example_inputs: Sequence[Any] | None,
-    leaf_modules: Iterable[type[nn.Module]],
-    concrete_args: dict[str, Any] | None,
-) -> tuple[Graph, nn.Module, str]:
-    """The graph to fuse, the module its targets name, and how it was captured."""
-    try:
-        graph = symbolic_capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        return graph, model, SYMBOLIC
-    except CaptureError as traced:
-        if example_inputs is None:
-            raise
-        reason = str(traced).splitlines()[0]
-        try:
-            _, module = export_capture(model, example_inputs)
-        except CaptureError as exported:
-            raise CaptureError(f"{traced}\n\nand the fallback failed too: {exported}") from (
-                exported.__cause__
-            )
-        log.info("fxfuse: %s; captured with torch.export instead", reason)
-        return module.graph, module, f"torch.export (symbolic tracing failed: {reason})"
 
 
 def fuse_graph(
@@ -216,20 +182,26 @@ def fuse_graph(
     capture: str,
     class_name: str,
     parameters: int,
+    given: Mapping[str, nn.Module] | None = None,
+    memo: dict[int, Any] | None = None,
 ) -> GraphModule:
     """Run the rules on ``graph`` (in place) and emit the fused ``GraphModule``.
 
     ``root`` resolves the graph's targets; ``bound`` gives the tensors of placeholders that
-    hold weights (graphs from ``torch.compile``). The result carries its report.
+    hold weights (graphs from ``torch.compile``). ``given`` are modules already built for
+    some ``call_module`` targets (leaves fused on their own): the result holds them as they
+    are. ``memo`` is the deep-copy memo to copy the rest with (one per result keeps weight
+    tying). The result carries its report.
     """
     # fxfuse resolves targets itself (``root`` and the constants it adds); a module that owns
     # the graph (an ExportedProgram's) would warn about every new attribute read
     graph.owning_module = None
     ctx = RewriteContext(graph, root, options, bound)
+    given = dict(given or {})
     report = FusionReport(
         capture=capture,
         before=graph_stats(graph, ctx.module, parameters),
-        notes=_left_alone(graph, ctx),
+        notes=_left_alone(graph, ctx, skip=given),
     )
     start = time.perf_counter()
     _rule_set(rules).run(ctx)
@@ -237,12 +209,20 @@ def fuse_graph(
 
     start = time.perf_counter()
     declines = ctx.declines()
-    fused = emit(graph, ctx.attribute, ctx.attributes, class_name=class_name, notes=report.notes)
+    fused = emit(
+        graph,
+        ctx.attribute,
+        {**ctx.attributes, **given},
+        class_name=class_name,
+        notes=report.notes,
+        memo=memo,
+    )
     report.timings["emit"] = time.perf_counter() - start
 
     report.after = graph_stats(
         fused.graph, fused.get_submodule, sum(p.numel() for p in fused.parameters())
     )
+    report.parts = [Part("", type(root).__name__, "graph", report.before, report.after, capture)]
     report.rewrites = ctx.rewrites
     report.declines = declines
     report.counts = ctx.counts

@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hint(error: BaseException) -> str:
-    hint = getattr(error, "hint", "")
+    hint = getattr(error, "cli_hint", "") or getattr(error, "hint", "")
     return hint or "run again with --debug to see the traceback"
 
 
@@ -480,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         known = isinstance(error, (FxFuseError, SpecError))
-        text = str(error).strip() or type(error).__name__
+        text = str(getattr(error, "message", "") or error).strip() or type(error).__name__
         first, *rest = text.splitlines()
         if not known:
             first = f"{type(error).__name__}: {first}"
