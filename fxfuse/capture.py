@@ -32,6 +32,7 @@ import copy
 import inspect
 import logging
 import os
+import re
 import sys
 import traceback
 from collections import OrderedDict
@@ -592,7 +593,8 @@ def symbolic_capture(
 @dataclass
 class Exported:
     """A ``torch.export`` capture: ``module`` (aten IR, functional: no in-place ops, weights as
-    attributes) and the dims it had to fix, e.g. ``x.shape[2] = 224``."""
+    attributes) and what it requires of the dims meant to stay dynamic, e.g.
+    ``x.shape[2] == 224`` (an empty list: nothing)."""
 
     module: GraphModule
     specialized: list[str]
@@ -622,7 +624,7 @@ def export_capture(model: nn.Module, example_inputs: Sequence[Any]) -> Exported:
             error = error or failed
             continue
         specialized = _specialized(program, args)
-        if args is doubled and any(".shape[0]" in s for s in specialized):
+        if args is doubled and any(".shape[0]" in g for g in specialized):
             continue  # the model fixes its batch: the example's own batch it is
         program = program.run_decompositions({})
         return Exported(program.module(), specialized)
@@ -660,27 +662,35 @@ def _auto_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _specialized(program: torch.export.ExportedProgram, args: tuple[Any, ...]) -> list[str]:
-    """The requested dynamic dims the program fixed (``x.shape[3] = 8``) or bounded
-    (``x.shape[2] >= 5``: export keeps the range its guards proved, which may be narrower
-    than what the model accepts)."""
-    names = program.graph_signature.user_inputs
+    """What the program requires of its inputs' dynamic dims: fixed (``x.shape[3] == 8``),
+    tied (``x.shape[2] == x.shape[3]``) or bounded (``x.shape[2] >= 5``: export keeps the
+    range its guards proved, which may be narrower than what the model accepts)."""
+    guards = getattr(program, "_guards_code", None)  # (what the unlifted module checks)
+    if isinstance(guards, list):
+        return [
+            re.sub(r"L\[['\"](\w+)['\"]\]", r"\1", g).replace(".size()", ".shape") for g in guards
+        ]
+    names = program.graph_signature.user_inputs  # (an older torch: read the shapes)
     values = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
-    ranges = program.range_constraints
     fixed = []
+    seen: dict[Any, str] = {}
     for name, arg, dims in zip(names, args, _auto_dims(args), strict=False):
         val = values.get(name)
         if not isinstance(arg, Tensor) or not dims or not isinstance(val, Tensor):
             continue
         for d in dims:
-            size = val.shape[d]
+            size, where = val.shape[d], f"{name}.shape[{d}]"
             if is_concrete_int(size):
-                fixed.append(f"{name}.shape[{d}] = {int(size)}")
-                continue
-            bounds = ranges.get(size.node.expr) if isinstance(size, torch.SymInt) else None
-            if bounds is not None and bounds.lower > 2:  # (2: export's own 0/1 floor)
-                fixed.append(f"{name}.shape[{d}] >= {bounds.lower}")
-            if bounds is not None and bounds.upper != int_oo:
-                fixed.append(f"{name}.shape[{d}] <= {bounds.upper}")
+                fixed.append(f"{where} == {int(size)}")
+            elif size.node.expr in seen:
+                fixed.append(f"{where} == {seen[size.node.expr]}")
+            else:
+                seen[size.node.expr] = where
+                bounds = program.range_constraints.get(size.node.expr)
+                if bounds is not None and bounds.lower > 2:  # (2: export's own 0/1 floor)
+                    fixed.append(f"{where} >= {bounds.lower}")
+                if bounds is not None and bounds.upper != int_oo:
+                    fixed.append(f"{where} <= {bounds.upper}")
     return fixed
 
 

@@ -414,7 +414,8 @@ def _finish(
         report.parts = [replace(p, path="") for p in assembly.parts]
     report.capture = capture
     report.timings = {"capture": captured + assembly.timings.get("capture", 0.0), **report.timings}
-    copy_hooks(model, fused, assembly.memo)
+    if not capture.startswith(EXPORT):  # (torch.export traces the root's hooks into the graph)
+        copy_hooks(model, fused, assembly.memo)
     fused.fxfuse_report = report
     return fused
 

@@ -154,8 +154,9 @@ class FusionReport:
     ``parts`` lists each :class:`Part`: one graph when the whole model was captured, else each
     part fused and each part kept as Python, and why; ``before``/``after`` are then the sums
     over the parts, and rewrites and declines in a part name their node ``path:node``.
-    ``specialized`` lists the input dims a ``torch.export`` capture fixed to the example's
-    (``x.shape[2] = 224``): the result accepts only those sizes there.
+    ``specialized`` lists what a ``torch.export`` capture requires of the input dims fxfuse
+    asked it to keep dynamic (``x.shape[2] == 224``, ``x.shape[2] == x.shape[3]``): other
+    inputs raise.
     """
 
     capture: str

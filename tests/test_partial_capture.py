@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -313,14 +314,29 @@ def test_user_leaf_modules_are_fused_on_their_own() -> None:
 # -- hooks (#9 item 3) --------------------------------------------------------------------------
 
 
-def test_root_hooks_are_kept_on_the_result() -> None:
-    model = randomize_batch_norms(FlagHead().eval())
+@pytest.mark.parametrize("example", [False, True])
+@pytest.mark.parametrize("cls", [FlagHead, ShapeGate])
+def test_root_hooks_are_kept_on_the_result(cls: type[nn.Module], example: bool) -> None:
+    model = randomize_batch_norms(cls().eval())
     model.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
     model.register_forward_hook(lambda m, args, out: out + 1)
-    fused = fxfuse.optimize(model)
-    x = torch.randn(1, 4, 5, 5)
-    assert relative_error(model(x), fused(x)) <= 1e-5
+    x = torch.randn(1, 4, 6, 6)
+    fused = fxfuse.optimize(model, (x,) if example else None)
+    for y in (x, torch.randn(2, 4, 5, 5)):
+        assert relative_error(model(y), fused(y)) <= 1e-5
     assert count_ops(fused, x)["batch_norm"] == 0
+
+
+def test_export_is_not_kept_where_it_would_narrow_the_inputs() -> None:
+    model = randomize_batch_norms(ShapeGate().eval())
+    fused = fxfuse.optimize(model, (torch.randn(1, 4, 6, 6),))  # export would tie h == w
+    report = fused.fxfuse_report
+    assert report.capture.endswith("part by part") and report.specialized == []
+    assert any(
+        "x.shape[2] == x.shape[3]" in note and "part by part" in note for note in report.notes
+    )
+    for x in (torch.randn(1, 4, 6, 6), torch.randn(2, 4, 5, 7)):
+        assert relative_error(model(x), fused(x)) <= 1e-5
 
 
 def test_a_feature_hook_keeps_firing_and_never_sees_a_proxy() -> None:
@@ -511,7 +527,7 @@ def test_timm_hybrids_fuse_without_example_inputs(name: str) -> None:
     model = randomize_batch_norms(timm.create_model(name).eval()).double()
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     fused = fxfuse.optimize(model)
-    theirs = reparameterize_model(copy.deepcopy(model))
+    theirs = reparameterize_model(copy.deepcopy(model)).double()  # (its new layers are float32)
     _assert_exact(model, fused, x)
     ours, timm_ops = count_ops(fused, x), count_ops(theirs, x)
     assert ours["conv"] <= timm_ops["conv"]
@@ -541,18 +557,19 @@ def _detector_outputs(model: nn.Module, images: list[Tensor], watched: list[str]
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "watched", "ops"),
+    ("name", "watched", "ops", "sizes"),
     [
-        ("fasterrcnn_mobilenet_v3_large_fpn", ["backbone", "rpn.head"], (75, 46)),
-        ("ssdlite320_mobilenet_v3_large", ["backbone", "head"], (98, 70)),
+        ("fasterrcnn_mobilenet_v3_large_fpn", ["backbone", "rpn.head"], (75, 46), (160, 200)),
+        ("ssdlite320_mobilenet_v3_large", ["backbone", "head"], (98, 70), None),  # (320)
     ],
 )
 def test_torchvision_detectors_fuse_part_by_part(
-    name: str, watched: list[str], ops: tuple[int, int]
+    name: str, watched: list[str], ops: tuple[int, int], sizes: tuple[int, int] | None
 ) -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    small = {} if sizes is None else {"min_size": sizes[0], "max_size": sizes[1]}
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **small)
     model = randomize_batch_norms(model.eval()).double()
     fused = fxfuse.optimize(model)
     images = [torch.rand(3, 160, 128, dtype=torch.float64)]
@@ -564,3 +581,33 @@ def test_torchvision_detectors_fuse_part_by_part(
     assert (before["conv"], before["batch_norm"]) == ops
     assert (after["conv"], after["batch_norm"]) == (ops[0], 0)
     assert type(fused) is type(model) and fused.transform is not model.transform
+
+
+# -- the command line takes the same route ------------------------------------------------------
+
+DETECTOR_FILE = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+from tests.test_partial_capture import CheckedDetector
+
+
+def make():
+    return CheckedDetector()
+"""
+
+
+def test_inspect_shows_the_parts_optimize_captures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fxfuse.cli import main
+
+    path = tmp_path / "detector.py"
+    path.write_text(DETECTOR_FILE)
+    assert main(["inspect", f"{path}:make", "--input-shape", "1,3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert "captured with torch.fx.symbolic_trace, part by part" in out
+    assert "6 parts captured as graphs (1 without a conv or batch norm not shown)" in out
+    row = next(line for line in out.splitlines() if line.startswith("model.1 "))
+    assert row.split()[:6] == ["model.1", "RepConv", "2", "3", "1", "0"]
+    assert "model.7 (Detect): TypeError: 'Proxy' object does not support item" in out
+    assert "convs 9 → 7, batch norms 9 → 0" in out
