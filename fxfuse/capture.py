@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Proxy
 from torch.fx import Tracer as FxTracer
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.fx.proxy import TraceError
 from torch.utils._sympy.numbers import int_oo
 
@@ -212,14 +214,15 @@ def _global_hooks_held_back() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def structural_copy(module: nn.Module) -> nn.Module:
+def structural_copy(module: nn.Module, *, hooks: bool = True) -> nn.Module:
     """New module objects with ``module``'s structure, sharing its tensors and values.
 
     Tracing runs ``forward``, and ``forward`` may write to ``self`` (``self.shape = …``, a
     cache dict filled per device, ``torch.fx``'s ``_tensor_constant0``); on this copy those
     writes land on objects fxfuse owns: the modules, and the lists, dicts and sets among
     their plain attributes, are new. Parameters and buffers are the caller's own tensors, so
-    the graph's targets name them exactly.
+    the graph's targets name them exactly. ``hooks=False`` leaves the copies without the
+    modules' hooks (to run it without calling the user's hooks).
     """
     made: dict[int, Any] = {}
 
@@ -232,7 +235,8 @@ def structural_copy(module: nn.Module) -> nn.Module:
         state["_modules"] = {k: None if c is None else visit(c) for k, c in m._modules.items()}
         for name in ("_parameters", "_buffers", *_HOOKS):
             if name in m.__dict__:
-                state[name] = type(m.__dict__[name])(m.__dict__[name])
+                kept = hooks or name in ("_parameters", "_buffers")
+                state[name] = type(m.__dict__[name])(m.__dict__[name] if kept else ())
         new.__dict__.update(state)
         return new
 
@@ -619,15 +623,21 @@ def export_capture(model: nn.Module, example_inputs: Sequence[Any]) -> Exported:
     error: Exception | None = None
     for args in attempts:
         try:
-            program = torch.export.export(model, args, dynamic_shapes=_auto_dims(args))
+            with warnings.catch_warnings():  # ("attribute assigned during export": the copy's)
+                warnings.filterwarnings("ignore", message=".*assigned during export")
+                program = torch.export.export(
+                    structural_copy(model), args, dynamic_shapes=_auto_dims(args)
+                )
         except Exception as failed:  # export fails in many ways
             error = error or failed
             continue
         specialized = _specialized(program, args)
         if args is doubled and any(".shape[0]" in g for g in specialized):
             continue  # the model fixes its batch: the example's own batch it is
-        program = program.run_decompositions({})
-        return Exported(program.module(), specialized)
+        module = program.run_decompositions({}).module()
+        with torch.no_grad():  # concrete shapes beside export's symbolic ones, for the checks
+            ShapeProp(module).propagate(*fresh_copies(example))  # that draw inputs
+        return Exported(module, specialized)
     assert error is not None
     failure = _failure(error)
     raise ExportError(

@@ -29,7 +29,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -52,6 +52,7 @@ from fxfuse.capture import (
     export_capture,
     hooked,
     is_container,
+    structural_copy,
     trace_part,
 )
 from fxfuse.emit import _copy, copy_hooks, copy_shell, keep_attributes, share_hook_functions
@@ -86,6 +87,8 @@ class _Assembly:
     timings: Counter[str] = field(default_factory=Counter)
     built: dict[int, nn.Module] = field(default_factory=dict)
     alive: list[Any] = field(default_factory=list)  # what ``memo`` names by id
+    # arguments a part is called with on the example inputs, by path: its graph's shapes
+    examples: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     # -- a module, whichever way it goes ---------------------------------------------------
 
@@ -122,6 +125,7 @@ class _Assembly:
         """Fuse ``traced`` (``module``'s graph), its leaves first, each as a part of its own."""
         from fxfuse.api import fuse_graph
 
+        self._propagate(traced, module, path)
         given: dict[str, nn.Module] = {}
         for leaf in traced.leaves:
             original = module.get_submodule(leaf)
@@ -143,6 +147,50 @@ class _Assembly:
         self.memo[id(module)] = self.built[id(module)] = fused
         self._merge(fused.fxfuse_report, path, type(module).__name__)
         return fused
+
+    def _propagate(self, traced: Traced, module: nn.Module, path: str) -> None:
+        """Record the shapes of ``traced``'s values on the part's example (the rules check
+        their layout assumptions against them), and the arguments of each leaf call."""
+        example = self.examples.get(path)
+        if example is None:
+            return
+        root = structural_copy(traced.root, hooks=False)  # (not the user's hooks)
+        recorder = _Recorder(GraphModule(root, traced.graph), set(traced.leaves))
+        try:  # (it runs the caller's modules: a BN in training mode would update its stats)
+            with torch.no_grad(), buffers_restored(module):
+                recorder.propagate(*fresh_copies(example))
+        except Exception as error:  # shapes are evidence, not a requirement
+            log.info("fxfuse: no shapes for %s: %s", path or "the model", error)
+            return
+        for leaf, args in recorder.calls.items():
+            self.examples.setdefault(_join(path, leaf), args)
+
+    def _record_calls(self, module: nn.Module, path: str) -> None:
+        """Run ``module``'s code on its example (a structural copy of it, hooks on the copy's
+        submodules) and keep the arguments each submodule is first called with."""
+        example = self.examples.get(path)
+        if example is None:
+            return
+        copy = structural_copy(module, hooks=False)  # (not the user's hooks)
+        calls: dict[str, tuple[Any, ...]] = {}
+
+        def record(name: str) -> Callable[..., None]:
+            def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                if not kwargs:
+                    calls.setdefault(name, fresh_copies(args))
+
+            return hook
+
+        for name, sub in copy.named_modules():
+            if name:
+                sub.register_forward_pre_hook(record(name), with_kwargs=True)
+        try:
+            with torch.no_grad(), buffers_restored(module):
+                copy(*fresh_copies(example))
+        except Exception as error:  # shapes are evidence, not a requirement
+            log.info("fxfuse: no shapes inside %s: %s", path or "the model", error)
+        for name, args in calls.items():
+            self.examples.setdefault(_join(path, name), args)
 
     def _merge(self, report: FusionReport, path: str, module: str) -> None:
         def where(node: str) -> str:
@@ -166,6 +214,7 @@ class _Assembly:
         shell = object.__new__(type(module))
         self.alive.append(module)
         self.memo[id(module)] = self.built[id(module)] = shell  # references resolve to it
+        self._record_calls(module, path)
         children: dict[str, nn.Module | None] = {}
         ops = NO_OPS
         for name, child in module._modules.items():
@@ -209,6 +258,20 @@ class _Assembly:
             validation=self.validation,
             parts=sorted(self.parts, key=lambda p: p.path.split(".") if p.path else []),
         )
+
+
+class _Recorder(ShapeProp):
+    """``ShapeProp`` that keeps the arguments of each leaf's first call."""
+
+    def __init__(self, module: GraphModule, leaves: set[str]):
+        super().__init__(module)
+        self.leaves = leaves
+        self.calls: dict[str, tuple[Any, ...]] = {}
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if target in self.leaves and target not in self.calls and not kwargs:
+            self.calls[target] = fresh_copies(args)
+        return super().call_module(target, args, kwargs)
 
 
 @dataclass(frozen=True)
@@ -309,7 +372,11 @@ def fuse_model(
     ``torch.export`` graph where example inputs are given and export keeps every batch and
     spatial dim dynamic; else part by part (and where export had to fix a dim, whichever of
     the two runs fewer convs and batch norms on the example). The result carries its
-    report as ``fxfuse_report``."""
+    report as ``fxfuse_report``.
+
+    A model with hooks is not exported: export would run them once, at capture time, on
+    fake tensors (a feature-capture hook would record those), and never again.
+    """
     settings = _Settings(rules, options, tuple(leaf_modules))
     start = time.perf_counter()
     traced = trace_part(
@@ -325,7 +392,8 @@ def fuse_model(
     first = traced if isinstance(traced, Failure) else _first_failure(traced)
     exported: Exported | None = None
     export_error: ExportError | None = None
-    if example_inputs is not None:
+    hooks = any(hooked(m) for m in model.modules())  # export would run them once, on fakes
+    if example_inputs is not None and not hooks:
         start = time.perf_counter()
         try:
             exported = export_capture(model, example_inputs)
@@ -334,7 +402,7 @@ def fuse_model(
         captured += time.perf_counter() - start
         if exported is not None and not exported.specialized:
             return _exported(model, exported, first, settings, captured)
-    partial = _part_by_part(model, traced, settings, captured)
+    partial = _part_by_part(model, traced, example_inputs, settings, captured)
     if exported is not None:
         whole = _exported(model, exported, first, settings, captured)
         return _fewer_ops(model, partial, whole, example_inputs)
@@ -357,13 +425,9 @@ def _symbolic(
     captured: float,
 ) -> nn.Module:
     """The whole model as one graph (its leaves fused on their own)."""
-    if example_inputs is not None:  # shapes for the rules' layout checks
-        # (it runs the caller's modules: a batch norm in training mode would update its stats)
-        with torch.no_grad(), buffers_restored(model):
-            ShapeProp(GraphModule(traced.root, traced.graph)).propagate(
-                *fresh_copies(example_inputs)
-            )
     assembly = _Assembly(settings, _memo(model))
+    if example_inputs is not None:
+        assembly.examples[""] = tuple(example_inputs)
     fused = assembly.graph(traced, model, "")
     return _finish(assembly, SYMBOLIC, model, fused, captured)
 
@@ -385,10 +449,16 @@ def _exported(
 
 
 def _part_by_part(
-    model: nn.Module, traced: Traced | Failure, settings: _Settings, captured: float
+    model: nn.Module,
+    traced: Traced | Failure,
+    example_inputs: Sequence[Any] | None,
+    settings: _Settings,
+    captured: float,
 ) -> nn.Module | None:
     """The model as parts; ``None`` when no part of it could be captured at all."""
     assembly = _Assembly(settings, _memo(model))
+    if example_inputs is not None:
+        assembly.examples[""] = tuple(example_inputs)
     assembly.timings["capture"] += captured
     if isinstance(traced, Failure):
         result = assembly.python(model, "", traced.construct, traced.where)
@@ -414,8 +484,7 @@ def _finish(
         report.parts = [replace(p, path="") for p in assembly.parts]
     report.capture = capture
     report.timings = {"capture": captured + assembly.timings.get("capture", 0.0), **report.timings}
-    if not capture.startswith(EXPORT):  # (torch.export traces the root's hooks into the graph)
-        copy_hooks(model, fused, assembly.memo)
+    copy_hooks(model, fused, assembly.memo)  # (none on an exported one: see fuse_model)
     fused.fxfuse_report = report
     return fused
 
