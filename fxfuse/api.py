@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
@@ -70,7 +70,7 @@ def _checked_options(
 
 def _verify_result(
     model: nn.Module,
-    fused: GraphModule,
+    fused: nn.Module,
     example_inputs: Sequence[Any],
     knobs: bool | Mapping[str, Any],
 ) -> Any:
@@ -90,6 +90,32 @@ def _verify_result(
         raise
 
 
+@overload
+def optimize(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    rules: RuleSet | Iterable[Rule[Any]] | None = None,
+    options: FusionOptions | None = None,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    verify: bool | Mapping[str, Any] = False,
+) -> nn.Module: ...
+
+
+@overload
+def optimize(
+    model: torch.export.ExportedProgram,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    rules: RuleSet | Iterable[Rule[Any]] | None = None,
+    options: FusionOptions | None = None,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    verify: bool | Mapping[str, Any] = False,
+) -> torch.export.ExportedProgram: ...
+
+
 def optimize(
     model: nn.Module | torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | None = None,
@@ -99,8 +125,8 @@ def optimize(
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     verify: bool | Mapping[str, Any] = False,
-) -> GraphModule:
-    """Fuse ``model`` into an equivalent, cheaper ``torch.fx.GraphModule``.
+) -> nn.Module | torch.export.ExportedProgram:
+    """Fuse ``model`` into an equivalent, cheaper model.
 
     The model is traced with ``torch.fx`` symbolic tracing; batch norms are folded into the
     convs before them, branches reading the same input and summed are merged into one conv
@@ -108,18 +134,37 @@ def optimize(
     dropped. Every rewrite is exact in real arithmetic; weights are computed in float64 and
     cast back to each layer's dtype.
 
+    Where the whole ``forward`` cannot be traced, fxfuse fuses it part by part: a submodule
+    whose code cannot be traced (a Python ``if`` on a shape, a loop over a list, NMS) is
+    kept whole and the code around it is traced; it is then fused on its own, and so on
+    down. A module whose own code cannot be traced stays Python — a copy of it, with its
+    class, plain attributes and hooks — around its fused submodules. ``fxfuse_report.parts``
+    lists each part fused and each part kept as Python, and why. With ``example_inputs``,
+    ``torch.export`` is tried first for the whole model, with batch and spatial dims dynamic;
+    its graph is used where it keeps them so (or where the parts would run more convs and
+    batch norms; then the report's ``specialized`` says what it fixed).
+
+    Python arguments with a default (``augment=False``, ``mode="fast"``) are fixed to it
+    (or to the value in ``example_inputs``); a call with another value raises
+    ``AssertionError: augment has been specialized to have value False…``. A
+    ``forward(x, *args, **kwargs)`` is traced with the arguments given, and a call with more
+    raises ``TypeError``. Hooks on the model are kept on the result; a submodule with hooks
+    is kept as a module of its own, so they fire on every call.
+
     Args:
         model: an ``nn.Module`` in eval mode, or a ``torch.export.ExportedProgram``. It is
-            never modified: the result owns fresh copies of everything it uses. A module
-            ``torch.fx`` cannot trace is captured with ``torch.export`` instead when
-            ``example_inputs`` are given (the report's ``capture`` says which path ran).
+            never modified: the result owns fresh copies of everything it uses (what cannot
+            be copied, a lock, is shared and noted in the report).
         example_inputs: optional inputs; when given, the graph's shapes are recorded first
-            and the rules check their layout assumptions against them.
+            and the rules check their layout assumptions against them. They are never
+            changed: every run gets its own copies.
         rules: the rule set to run (default :func:`fxfuse.passes.default_rules`); a plain
             list of :class:`~fxfuse.Rule` objects runs as one stage.
         options: :class:`~fxfuse.FusionOptions` for the rules.
-        leaf_modules: module classes to keep whole instead of tracing through them.
-        concrete_args: passed to ``torch.fx`` tracing, to fix Python-valued arguments.
+        leaf_modules: module classes to keep whole instead of tracing through them (each is
+            still fused on its own).
+        concrete_args: passed to ``torch.fx`` tracing of ``model``, to fix Python-valued
+            arguments.
         verify: check the result before returning it (needs ``example_inputs``): every
             rewrite is validated locally as it is applied (a failing one is rolled back and
             reported, see ``FusionOptions.validate_rewrites``), and the fused model is
@@ -129,13 +174,16 @@ def optimize(
             "tolerance": 1e-4}``).
 
     Returns:
-        A ``GraphModule`` in eval mode, with the :class:`~fxfuse.FusionReport` as its
-        ``fxfuse_report`` attribute; for an ``ExportedProgram``, a fused ``ExportedProgram``
-        (re-exported on its own example inputs, dynamic dims kept) with the same attribute.
+        An ``nn.Module`` in eval mode, with the :class:`~fxfuse.FusionReport` as its
+        ``fxfuse_report`` attribute: a ``torch.fx.GraphModule`` where the whole model was
+        captured as one graph, else a copy of ``model`` (same class) whose parts are fused.
+        For an ``ExportedProgram``, a fused ``ExportedProgram`` (re-exported on its own
+        example inputs, dynamic dims kept) with the same attribute.
 
     Raises:
         TrainingModeError: ``model.training`` is true.
-        CaptureError: the model cannot be traced; the message names the construct.
+        CaptureError: no part of the model can be captured; one line naming the construct
+            and where, and ``.hint``, what to try.
         VerificationError: with ``verify=True``, the fused model differs from ``model``.
         ValueError: ``verify`` or ``validate_rewrites`` without ``example_inputs``.
     """

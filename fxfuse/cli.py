@@ -124,7 +124,7 @@ def _flops(value: int) -> str:
     return str(value)
 
 
-def _fuse(model: nn.Module, x: Tensor | None, debug: bool) -> nn.Module:
+def _fuse(model: nn.Module, x: Tensor | None, debug: bool) -> GraphModule:
     """``fxfuse.optimize``, with what torch prints to stderr held back until it succeeds.
 
     When symbolic tracing fails and the ``torch.export`` fallback fails too, torch prints the
