@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -370,11 +369,21 @@ def keep_attributes(
 
 
 def _fused_class(graph_class: type, original: type) -> type:
+    """``graph_class`` with ``original`` behind it: ``nn.Module``'s own methods stay the
+    ``GraphModule``'s (``original``'s overrides of them, a ``train`` or ``_apply`` that reads
+    submodules fused away, are skipped), ``original``'s other methods and properties answer."""
+    own = set().union(*(vars(k) for k in graph_class.__mro__ if k not in (nn.Module, object)))
     pinned = {
-        name: inspect.getattr_static(graph_class, name)
-        for name in vars(nn.Module)
-        if name not in ("__dict__", "__weakref__", "__module__", "__doc__", "__annotations__")
+        name: value
+        for name, value in vars(nn.Module).items()
+        if name not in own
+        and name not in ("__dict__", "__weakref__", "__module__", "__doc__", "__annotations__")
     }
+    # GraphModule.recompile (pickling runs it) wraps the class's __call__ once per class; the
+    # one the GraphModule class already has must stay the one used, or calls recurse
+    for name in ("_wrapped_call", "__call__"):
+        if name in vars(graph_class):
+            pinned[name] = vars(graph_class)[name]
     pinned["__deepcopy__"] = _deepcopy_part
     pinned["__qualname__"] = pinned["__name__"] = graph_class.__name__
     return type(graph_class.__name__, (graph_class, original), pinned)

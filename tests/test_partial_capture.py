@@ -193,6 +193,18 @@ def test_a_detector_kept_as_python_still_reads_its_layers_attributes() -> None:
         fused(torch.randn(1, 3, 8, 10, dtype=torch.float64))
 
 
+def test_a_result_part_by_part_deep_copies_and_saves(tmp_path: Path) -> None:
+    model = _detector(CheckedDetector)
+    fused = fxfuse.optimize(model)
+    twin = copy.deepcopy(fused)
+    torch.save(fused, tmp_path / "fused.pt")  # (pickling recompiles each graph part)
+    loaded = torch.load(tmp_path / "fused.pt", weights_only=False)
+    for candidate in (fused, twin, loaded, twin):
+        _assert_exact(model, candidate, X)
+    assert isinstance(twin.model[1], RepConv) and twin.model[1] is not fused.model[1]
+    assert count_ops(loaded, X)["batch_norm"] == 0
+
+
 def test_the_callers_detector_and_inputs_are_never_changed() -> None:
     model = _detector()
     head = model.model[-1]
