@@ -294,7 +294,6 @@ class Traced:
     root: nn.Module
     leaves: dict[str, str | Failure] = field(default_factory=dict)
     how: str = SYMBOLIC
-    note: str = ""
 
 
 def trace_part(
@@ -454,20 +453,12 @@ def _refuse_further_arguments(graph: Graph, module: nn.Module) -> None:
     varkw = next((p.name for p in params if p.kind == p.VAR_KEYWORD), None)
     if varargs is None and varkw is None:
         return
-    anchor = placeholders[-1] if placeholders else None
-    with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before():
-        rest = graph.placeholder(f"*{varargs}") if varargs else None
-    with graph.inserting_after(rest or anchor) if (rest or anchor) else graph.inserting_before():
-        options = graph.placeholder(f"**{varkw}") if varkw else None
-    with graph.inserting_after(options or rest):
-        graph.call_function(
-            no_further_arguments,
-            (
-                rest if rest is not None else (),
-                options if options is not None else {},
-                f"{type(module).__name__}.forward({names})",
-            ),
-        )
+    first = next(n for n in graph.nodes if n.op != "placeholder")  # (the output at least)
+    with graph.inserting_before(first):
+        rest = graph.placeholder(f"*{varargs}") if varargs else ()
+        options = graph.placeholder(f"**{varkw}") if varkw else {}
+        captured = f"{type(module).__name__}.forward({names})"
+        graph.call_function(no_further_arguments, (rest, options, captured))
 
 
 def _named_signature(

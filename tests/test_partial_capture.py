@@ -314,6 +314,22 @@ def test_fusion_inside_a_leaf_and_counts_inside_it() -> None:
     assert kinds == {"": "graph", "gate": "python", "gate.a": "graph", "gate.b": "graph"}
 
 
+def test_the_report_of_many_parts_reads_in_a_few_lines() -> None:
+    blocks = nn.Sequential(*(ShapeGate() for _ in range(24)))
+    model = randomize_batch_norms(blocks.double().eval())
+    fused = fxfuse.optimize(model)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    _assert_exact(model, fused, x)
+    report = fused.fxfuse_report
+    assert len(report.parts) == 1 + 24 * 3 and len(report.declines) == 0
+    text = str(report)
+    assert len(text.splitlines()) < 25, text
+    assert "ShapeGate ×24 (0, 1, …): Python control flow on a traced value" in text
+    assert "RepConv ×24 (0.b, 1.b, …): convs 48 → 24, batch norms 72 → 0" in text
+    assert (report.after.convs, report.after.batch_norms) == (48, 0)
+    assert count_ops(fused, x)["conv"] == 48
+
+
 def test_user_leaf_modules_are_fused_on_their_own() -> None:
     model = randomize_batch_norms(Net().double().eval())
     fused = fxfuse.optimize(model, leaf_modules=[Conv])
