@@ -278,8 +278,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     loaded, shape = _load(args)
     model = loaded.model
     print(f"fxfuse inspect {loaded.spec}")
-    x = _inputs(shape, 1, args.seed)[0]
-    _first_input_error(model, x)
+    x: Tensor | None = _inputs(shape, 1, args.seed)[0]
+    try:
+        _first_input_error(model, x)  # type: ignore[arg-type]
+    except UsageError:
+        if args.input_shape is not None:
+            raise
+        print(f"(the model rejects the default input {'x'.join(map(str, shape))}: captured "
+              "without an example; --input-shape gives one)")  # fmt: skip
+        x = None
     fused = _fuse(model, x, args.debug)  # the route `fxfuse optimize` takes
     report = fused.fxfuse_report
     print(f"captured with {report.capture}")

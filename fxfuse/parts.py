@@ -182,7 +182,7 @@ class _Assembly:
             return hook
 
         for name, sub in copy.named_modules():
-            if name:
+            if name and not default_leaf(sub):  # (a torch.nn layer is no part of its own)
                 sub.register_forward_pre_hook(record(name), with_kwargs=True)
         try:
             with torch.no_grad(), buffers_restored(module):
