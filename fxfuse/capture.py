@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.nn.modules.module as _module_hooks
 from torch import Tensor, nn
-from torch.fx import Graph, GraphModule, Proxy
+from torch.fx import Graph, GraphModule, Node, Proxy
 from torch.fx import Tracer as FxTracer
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.passes.shape_prop import ShapeProp
@@ -476,8 +476,8 @@ def _refuse_further_arguments(graph: Graph, module: nn.Module) -> None:
         return
     first = next(n for n in graph.nodes if n.op != "placeholder")  # (the output at least)
     with graph.inserting_before(first):
-        rest = graph.placeholder(f"*{varargs}") if varargs else ()
-        options = graph.placeholder(f"**{varkw}") if varkw else {}
+        rest: Node | tuple[()] = graph.placeholder(f"*{varargs}") if varargs else ()
+        options: Node | dict[str, Any] = graph.placeholder(f"**{varkw}") if varkw else {}
         captured = f"{type(module).__name__}.forward({names})"
         graph.call_function(no_further_arguments, (rest, options, captured))
 

@@ -28,10 +28,10 @@ import inspect
 import logging
 import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ class _Assembly:
     notes: list[str] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     validation: Counter[str] | None = None
-    timings: Counter[str] = field(default_factory=Counter)
+    timings: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     built: dict[int, nn.Module] = field(default_factory=dict)
     alive: list[Any] = field(default_factory=list)  # what ``memo`` names by id
     # arguments a part is called with on the example inputs, by path: its graph's shapes
@@ -145,7 +145,7 @@ class _Assembly:
         )
         self.alive += [traced.root, module]
         self.memo[id(module)] = self.built[id(module)] = fused
-        self._merge(fused.fxfuse_report, path, type(module).__name__)
+        self._merge(_report(fused), path, type(module).__name__)
         return fused
 
     def _propagate(self, traced: Traced, module: nn.Module, path: str) -> None:
@@ -334,6 +334,10 @@ def _uses(parent: type) -> dict[str, bool]:
     return uses
 
 
+def _report(module: nn.Module) -> FusionReport:
+    return cast(FusionReport, module.fxfuse_report)
+
+
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
@@ -444,7 +448,7 @@ def _exported(
     fused = assembly.graph(traced, model, "")
     capture = f"{EXPORT} (symbolic tracing failed: {failure.construct})"
     result = _finish(assembly, capture, model, fused, captured)
-    result.fxfuse_report.specialized = list(exported.specialized)
+    _report(result).specialized = list(exported.specialized)
     return result
 
 
@@ -477,7 +481,7 @@ def _part_by_part(
 def _finish(
     assembly: _Assembly, capture: str, model: nn.Module, fused: GraphModule, captured: float
 ) -> GraphModule:
-    report = fused.fxfuse_report
+    report = _report(fused)
     if len(assembly.parts) > 1:
         report = assembly.report(capture, model, fused)
     else:
@@ -512,7 +516,7 @@ def _fewer_ops(
     by part one (which accepts every size) runs more convs and batch norms on the example."""
     from fxfuse.testing import count_ops
 
-    report = whole.fxfuse_report
+    report = _report(whole)
     if partial is None or example_inputs is None:
         return whole
     with buffers_restored(model):
@@ -520,7 +524,7 @@ def _fewer_ops(
     costs = [o["conv"] + o["batch_norm"] for o in ops]
     fixed = ", ".join(report.specialized)
     if costs[0] <= costs[1]:
-        partial.fxfuse_report.notes.append(
+        _report(partial).notes.append(
             f"torch.export would fix {fixed}: fused part by part instead, which keeps every size"
         )
         return partial
