@@ -263,6 +263,7 @@ def fuse_graph(
         {**ctx.attributes, **given},
         class_name=class_name,
         notes=report.notes,
+        effects=ctx.effects,
         memo=memo,
     )
     report.timings["emit"] = time.perf_counter() - start

@@ -32,6 +32,7 @@ import copy
 import gc
 import inspect
 import logging
+import operator
 import os
 import re
 import sys
@@ -109,6 +110,48 @@ def default_leaf(module: nn.Module) -> bool:
     )
 
 
+_IN_PLACE_DUNDERS = {
+    "__iadd__": operator.iadd,
+    "__isub__": operator.isub,
+    "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv,
+    "__ifloordiv__": operator.ifloordiv,
+    "__imod__": operator.imod,
+    "__ipow__": operator.ipow,
+    "__iand__": operator.iand,
+    "__ior__": operator.ior,
+    "__ixor__": operator.ixor,
+    "__ilshift__": operator.ilshift,
+    "__irshift__": operator.irshift,
+    "__imatmul__": operator.imatmul,
+}
+
+
+class InPlaceProxy(Proxy):
+    """A ``Proxy`` that records in-place operators as what they are.
+
+    ``torch.fx.Proxy`` defines no ``__iadd__``, so Python runs ``acc += y`` as ``acc = acc + y``
+    and the traced graph silently stops updating ``acc`` — a caller's tensor, or a view of
+    one (``y.narrow(…)``). Here ``acc += y`` is ``operator.iadd(acc, y)`` and ``x[i] = v`` is
+    ``operator.setitem(x, i, v)``, in place as in the model.
+    """
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
+def _in_place(op: Any) -> Any:
+    def method(self: Proxy, other: Any) -> Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    method.__name__ = f"__i{op.__name__.lstrip('i')}__"
+    return method
+
+
+for _dunder, _op in _IN_PLACE_DUNDERS.items():
+    setattr(InPlaceProxy, _dunder, _in_place(_op))
+
+
 class Tracer(FxTracer):
     """``torch.fx.Tracer`` with O(1) parameter/buffer naming, leaf classes and instances,
     arguments bound as the module is called, and buffers traced like parameters.
@@ -166,6 +209,9 @@ class Tracer(FxTracer):
                 if base in concrete_args and str(node.target) == f"{base}_1":
                     node.target = base
         return fn, args
+
+    def proxy(self, node: Node) -> Proxy:
+        return InPlaceProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (

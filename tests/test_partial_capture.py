@@ -648,5 +648,6 @@ def test_inspect_shows_the_parts_optimize_captures(
     assert "6 parts captured as graphs (1 without a conv or batch norm not shown)" in out
     row = next(line for line in out.splitlines() if line.startswith("model.1 "))
     assert row.split()[:6] == ["model.1", "RepConv", "2", "3", "1", "0"]
-    assert "model.7 (Detect): TypeError: 'Proxy' object does not support item" in out
+    assert "model.7 (Detect): Python control flow on a traced value at" in out
+    assert "`if self.grid[i].shape[2:4] != x[i].shape[2:4]:`" in out
     assert "convs 9 → 7, batch norms 9 → 0" in out
