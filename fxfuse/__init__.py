@@ -26,7 +26,7 @@ from fxfuse.errors import (
     TrainingModeError,
     VerificationError,
 )
-from fxfuse.report import Decline, FusionReport, GraphStats, Rewrite
+from fxfuse.report import Decline, FusionReport, GraphStats, Part, Rewrite
 from fxfuse.rules import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
 from fxfuse.verify import VerificationReport, verify
 
@@ -42,6 +42,7 @@ __all__ = [
     "GraphStats",
     "Match",
     "NondeterministicError",
+    "Part",
     "Rewrite",
     "RewriteContext",
     "Rule",

@@ -6,20 +6,19 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.passes.shape_prop import ShapeProp
 
-from fxfuse.capture import export_capture, symbolic_capture
 from fxfuse.dialects import has_hooks
 from fxfuse.emit import emit
-from fxfuse.errors import CaptureError, TrainingModeError, VerificationError
-from fxfuse.report import FusionReport, graph_stats
+from fxfuse.errors import TrainingModeError, VerificationError
+from fxfuse.parts import fuse_model
+from fxfuse.report import FusionReport, Part, graph_stats
 from fxfuse.rules import FusionOptions, RewriteContext, Rule, RuleSet
-from fxfuse.verify import buffers_restored
+from fxfuse.verify import fresh_copies
 
 __all__ = ["fuse_graph", "optimize"]
 
@@ -34,11 +33,12 @@ def _rule_set(rules: RuleSet | Iterable[Rule[Any]] | None) -> RuleSet:
     return rules if isinstance(rules, RuleSet) else RuleSet.of(rules)
 
 
-def _left_alone(graph: Graph, ctx: RewriteContext) -> list[str]:
-    """Notes on modules fxfuse does not touch: quantized ones, hooked ones."""
+def _left_alone(graph: Graph, ctx: RewriteContext, skip: Mapping[str, Any]) -> list[str]:
+    """Notes on modules fxfuse does not touch: quantized ones, hooked ones (but not the parts
+    in ``skip``, which are reported as parts)."""
     notes = []
     for node in graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or node.target in skip:
             continue
         module = ctx.module(str(node.target))
         if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
@@ -70,7 +70,7 @@ def _checked_options(
 
 def _verify_result(
     model: nn.Module,
-    fused: GraphModule,
+    fused: nn.Module,
     example_inputs: Sequence[Any],
     knobs: bool | Mapping[str, Any],
 ) -> Any:
@@ -90,6 +90,32 @@ def _verify_result(
         raise
 
 
+@overload
+def optimize(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    rules: RuleSet | Iterable[Rule[Any]] | None = None,
+    options: FusionOptions | None = None,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    verify: bool | Mapping[str, Any] = False,
+) -> nn.Module: ...
+
+
+@overload
+def optimize(
+    model: torch.export.ExportedProgram,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    rules: RuleSet | Iterable[Rule[Any]] | None = None,
+    options: FusionOptions | None = None,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    verify: bool | Mapping[str, Any] = False,
+) -> torch.export.ExportedProgram: ...
+
+
 def optimize(
     model: nn.Module | torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | None = None,
@@ -99,8 +125,8 @@ def optimize(
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     verify: bool | Mapping[str, Any] = False,
-) -> GraphModule:
-    """Fuse ``model`` into an equivalent, cheaper ``torch.fx.GraphModule``.
+) -> nn.Module | torch.export.ExportedProgram:
+    """Fuse ``model`` into an equivalent, cheaper model.
 
     The model is traced with ``torch.fx`` symbolic tracing; batch norms are folded into the
     convs before them, branches reading the same input and summed are merged into one conv
@@ -108,18 +134,37 @@ def optimize(
     dropped. Every rewrite is exact in real arithmetic; weights are computed in float64 and
     cast back to each layer's dtype.
 
+    Where the whole ``forward`` cannot be traced, fxfuse fuses it part by part: a submodule
+    whose code cannot be traced (a Python ``if`` on a shape, a loop over a list, NMS) is
+    kept whole and the code around it is traced; it is then fused on its own, and so on
+    down. A module whose own code cannot be traced stays Python — a copy of it, with its
+    class, plain attributes and hooks — around its fused submodules. ``fxfuse_report.parts``
+    lists each part fused and each part kept as Python, and why. With ``example_inputs``,
+    ``torch.export`` is tried first for the whole model, with batch and spatial dims dynamic;
+    its graph is used where it keeps them so (or where the parts would run more convs and
+    batch norms; then the report's ``specialized`` says what it fixed).
+
+    Python arguments with a default (``augment=False``, ``mode="fast"``) are fixed to it
+    (or to the value in ``example_inputs``); a call with another value raises
+    ``AssertionError: augment has been specialized to have value False…``. A
+    ``forward(x, *args, **kwargs)`` is traced with the arguments given, and a call with more
+    raises ``TypeError``. Hooks on the model are kept on the result; a submodule with hooks
+    is kept as a module of its own, so they fire on every call.
+
     Args:
         model: an ``nn.Module`` in eval mode, or a ``torch.export.ExportedProgram``. It is
-            never modified: the result owns fresh copies of everything it uses. A module
-            ``torch.fx`` cannot trace is captured with ``torch.export`` instead when
-            ``example_inputs`` are given (the report's ``capture`` says which path ran).
+            never modified: the result owns fresh copies of everything it uses (what cannot
+            be copied, a lock, is shared and noted in the report).
         example_inputs: optional inputs; when given, the graph's shapes are recorded first
-            and the rules check their layout assumptions against them.
+            and the rules check their layout assumptions against them. They are never
+            changed: every run gets its own copies.
         rules: the rule set to run (default :func:`fxfuse.passes.default_rules`); a plain
             list of :class:`~fxfuse.Rule` objects runs as one stage.
         options: :class:`~fxfuse.FusionOptions` for the rules.
-        leaf_modules: module classes to keep whole instead of tracing through them.
-        concrete_args: passed to ``torch.fx`` tracing, to fix Python-valued arguments.
+        leaf_modules: module classes to keep whole instead of tracing through them (each is
+            still fused on its own).
+        concrete_args: passed to ``torch.fx`` tracing of ``model``, to fix Python-valued
+            arguments.
         verify: check the result before returning it (needs ``example_inputs``): every
             rewrite is validated locally as it is applied (a failing one is rolled back and
             reported, see ``FusionOptions.validate_rewrites``), and the fused model is
@@ -129,13 +174,16 @@ def optimize(
             "tolerance": 1e-4}``).
 
     Returns:
-        A ``GraphModule`` in eval mode, with the :class:`~fxfuse.FusionReport` as its
-        ``fxfuse_report`` attribute; for an ``ExportedProgram``, a fused ``ExportedProgram``
-        (re-exported on its own example inputs, dynamic dims kept) with the same attribute.
+        An ``nn.Module`` in eval mode, with the :class:`~fxfuse.FusionReport` as its
+        ``fxfuse_report`` attribute: a ``torch.fx.GraphModule`` where the whole model was
+        captured as one graph, else a copy of ``model`` (same class) whose parts are fused.
+        For an ``ExportedProgram``, a fused ``ExportedProgram`` (re-exported on its own
+        example inputs, dynamic dims kept) with the same attribute.
 
     Raises:
         TrainingModeError: ``model.training`` is true.
-        CaptureError: the model cannot be traced; the message names the construct.
+        CaptureError: no part of the model can be captured; one line naming the construct
+            and where, and ``.hint``, what to try.
         VerificationError: with ``verify=True``, the fused model differs from ``model``.
         ValueError: ``verify`` or ``validate_rewrites`` without ``example_inputs``.
     """
@@ -153,57 +201,23 @@ def optimize(
             "Call model.eval() first (fxfuse never changes the mode of your model)."
         )
     options = _checked_options(options, example_inputs, verify)
-    start = time.perf_counter()
-    graph, root, capture = _capture(model, example_inputs, leaf_modules, concrete_args)
-    if example_inputs is not None and capture == SYMBOLIC:
-        # (it runs the caller's modules: a batch norm in training mode would update its stats)
-        with torch.no_grad(), buffers_restored(model):
-            ShapeProp(GraphModule(root, graph)).propagate(*example_inputs)
-    captured = time.perf_counter() - start
-    fused = fuse_graph(
-        graph,
-        root,
+    if example_inputs is not None:
+        example_inputs = fresh_copies(example_inputs)  # (nothing runs on the caller's own)
+    fused = fuse_model(
+        model,
+        example_inputs,
         rules=rules,
         options=options,
-        capture=capture,
-        class_name=f"Fused{type(model).__name__}",
-        parameters=sum(p.numel() for p in model.parameters()),
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
     )
-    report = fused.fxfuse_report
-    report.timings = {"capture": captured, **report.timings}
     if verify:
         assert example_inputs is not None
+        report = fused.fxfuse_report
         start = time.perf_counter()
         report.verification = _verify_result(model, fused, example_inputs, verify)
         report.timings["verify"] = time.perf_counter() - start
     return fused
-
-
-SYMBOLIC = "torch.fx.symbolic_trace"
-
-
-def _capture(
-    model: nn.Module,
-    example_inputs: Sequence[Any] | None,
-    leaf_modules: Iterable[type[nn.Module]],
-    concrete_args: dict[str, Any] | None,
-) -> tuple[Graph, nn.Module, str]:
-    """The graph to fuse, the module its targets name, and how it was captured."""
-    try:
-        graph = symbolic_capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        return graph, model, SYMBOLIC
-    except CaptureError as traced:
-        if example_inputs is None:
-            raise
-        reason = str(traced).splitlines()[0]
-        try:
-            _, module = export_capture(model, example_inputs)
-        except CaptureError as exported:
-            raise CaptureError(f"{traced}\n\nand the fallback failed too: {exported}") from (
-                exported.__cause__
-            )
-        log.info("fxfuse: %s; captured with torch.export instead", reason)
-        return module.graph, module, f"torch.export (symbolic tracing failed: {reason})"
 
 
 def fuse_graph(
@@ -217,22 +231,27 @@ def fuse_graph(
     class_name: str,
     parameters: int,
     live: bool = False,
+    given: Mapping[str, nn.Module] | None = None,
+    memo: dict[int, Any] | None = None,
 ) -> GraphModule:
     """Run the rules on ``graph`` (in place) and emit the fused ``GraphModule``.
 
     ``root`` resolves the graph's targets; ``bound`` gives the tensors of placeholders that
     hold weights (graphs from ``torch.compile``); with ``live`` weights those may change
-    between calls, and the result computes its fused weights from them on every call. The
-    result carries its report.
+    between calls, and the result computes its fused weights from them on every call.
+    ``given`` are modules already built for some ``call_module`` targets (leaves fused on
+    their own): the result holds them as they are. ``memo`` is the deep-copy memo to copy the
+    rest with (one per result keeps weight tying). The result carries its report.
     """
     # fxfuse resolves targets itself (``root`` and the constants it adds); a module that owns
     # the graph (an ExportedProgram's) would warn about every new attribute read
     graph.owning_module = None
     ctx = RewriteContext(graph, root, options, bound, live=live)
+    given = dict(given or {})
     report = FusionReport(
         capture=capture,
         before=graph_stats(graph, ctx.module, parameters),
-        notes=_left_alone(graph, ctx),
+        notes=_left_alone(graph, ctx, skip=given),
     )
     start = time.perf_counter()
     _rule_set(rules).run(ctx)
@@ -243,17 +262,19 @@ def fuse_graph(
     fused = emit(
         graph,
         ctx.attribute,
-        ctx.attributes,
+        {**ctx.attributes, **given},
         class_name=class_name,
         notes=report.notes,
         effects=ctx.effects,
         live=live,
+        memo=memo,
     )
     report.timings["emit"] = time.perf_counter() - start
 
     report.after = graph_stats(
         fused.graph, fused.get_submodule, sum(p.numel() for p in fused.parameters())
     )
+    report.parts = [Part("", type(root).__name__, "graph", report.before, report.after, capture)]
     report.rewrites = ctx.rewrites
     report.declines = declines
     report.counts = ctx.counts

@@ -390,15 +390,29 @@ def run_inspect(args: argparse.Namespace) -> int:
     honest answer to "what would change" is what they do there: per block, the convs and
     batch norms before and after, the rules that fire and the ones that decline, and why.
     """
-    from fxfuse.capture import symbolic_capture
+    from fxfuse.capture import SYMBOLIC, symbolic_capture
 
-    loaded, _ = _load(args)
+    loaded, shape = _load(args)
     model = loaded.model
     print(f"fxfuse inspect {loaded.spec}")
     _note_mode(loaded)
-    original = symbolic_capture(model)
-    fused = _fuse(model, None, args.debug)
+    x: Tensor | None = _inputs(shape, 1, args.seed)[0]
+    try:
+        _first_input_error(model, x)  # type: ignore[arg-type]
+    except UsageError:
+        if args.input_shape is not None:
+            raise
+        print(f"(the model rejects the default input {'x'.join(map(str, shape))}: captured "
+              "without an example; --input-shape gives one)")  # fmt: skip
+        x = None
+    fused = _fuse(model, x, args.debug)  # the route `fxfuse optimize` takes
     report = fused.fxfuse_report
+    print(f"captured with {report.capture}")
+    if report.capture != SYMBOLIC:
+        print(_parts_table(report, args.max_declines))
+        _print_totals(report, args.spec)
+        return 0
+    original = symbolic_capture(model)
     convs = _conv_counts(model)
     where = {node.name: _block_of(node, convs) for node in original.nodes}
     classes = {block: cls for block, cls in where.values()}
@@ -442,13 +456,56 @@ def run_inspect(args: argparse.Namespace) -> int:
             print(f"  {block or '(top level)'}: {line}")
         if len(declines) > args.max_declines:
             print(f"  … and {len(declines) - args.max_declines} more (--max-declines)")
+    _print_totals(report, args.spec)
+    return 0
+
+
+def _print_totals(report: fxfuse.FusionReport, spec: str) -> None:
     b, a = report.before, report.after or report.before
     print(
         f"\nin all: convs {b.convs} → {a.convs}, batch norms {b.batch_norms} → {a.batch_norms}, "
         f"parameters {b.parameters:,} → {a.parameters:,}. The model was not changed; "
-        f"`fxfuse optimize {args.spec}` fuses it"
+        f"`fxfuse optimize {spec}` fuses it"
     )
-    return 0
+
+
+def _parts_table(report: fxfuse.FusionReport, limit: int) -> str:
+    """The parts captured as graphs (what their rules did) and the parts kept as Python (why),
+    at most ``limit`` of each."""
+    fired: dict[str, Counter[str]] = defaultdict(Counter)
+    for rewrite in report.rewrites:
+        path = rewrite.node.rpartition(":")[0]
+        fired[path][rewrite.rule] += 1
+    rows = [["part", "class", "convs", "BNs", "→ convs", "BNs", "rules that fire"]]
+    every = [p for p in report.parts if p.kind == "graph"]
+    graphs = [p for p in every if p.before.convs or p.before.batch_norms or fired[p.path]]
+    for part in graphs[:limit]:
+        rules = ", ".join(
+            f"{rule} ×{n}" if n > 1 else rule for rule, n in sorted(fired[part.path].items())
+        )
+        b, a = part.before, part.after
+        rows.append(
+            [part.name, part.module, str(b.convs), str(b.batch_norms), str(a.convs),
+             str(a.batch_norms), rules or "-"]
+        )  # fmt: skip
+    title = f"{len(every)} parts captured as graphs" + (
+        f" ({len(every) - len(graphs)} without a conv or batch norm not shown):"
+        if len(graphs) < len(every)
+        else ":"
+    )
+    lines = [table(rows, title=title, align="llrrrrl")]
+    if len(graphs) > limit:
+        lines.append(f"  … and {len(graphs) - limit} more (--max-declines)")
+    python = [p for p in report.parts if p.kind == "python"]
+    if python:
+        lines.append(f"\n{len(python)} parts kept as Python code around them:")
+        lines += [
+            f"  {p.name} ({p.module}): {p.reason}" + (f" at {p.where}" if p.where else "")
+            for p in python[:limit]
+        ]
+        if len(python) > limit:
+            lines.append(f"  … and {len(python) - limit} more (--max-declines)")
+    return "\n".join(lines)
 
 
 # -- fxfuse bench ------------------------------------------------------------------------------
@@ -823,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hint(error: BaseException) -> str:
-    hint = getattr(error, "hint", "")
+    hint = getattr(error, "cli_hint", "") or getattr(error, "hint", "")
     return hint or "run again with --debug to see the traceback"
 
 
@@ -853,7 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         known = isinstance(error, (FxFuseError, SpecError))
-        text = str(error).strip() or type(error).__name__
+        text = str(getattr(error, "message", "") or error).strip() or type(error).__name__
         first, *rest = text.splitlines()
         if not known:
             first = f"{type(error).__name__}: {first}"

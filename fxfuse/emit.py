@@ -12,9 +12,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from types import MethodType
 from typing import Any
 
 import torch.nn.functional as F
@@ -30,7 +33,14 @@ from fxfuse.weights import Weight, emit_weight, evaluate
 
 _LOWERED = frozenset({fused_layer, weight_of})
 
-__all__ = ["build_module", "emit"]
+__all__ = [
+    "build_module",
+    "copy_hooks",
+    "copy_shell",
+    "emit",
+    "keep_attributes",
+    "share_hook_functions",
+]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -99,18 +109,36 @@ def build_module(layer: FusedLayer) -> tuple[nn.Module, tuple[tuple[int, int], .
     return module, pad
 
 
+def _reserved_names() -> frozenset[str]:
+    """Names a ``GraphModule`` uses itself (``graph``, ``code``, ``meta``, ``_graph``, …) and
+    the report's: a submodule of the caller's with one of them needs another name."""
+    probe = GraphModule(nn.Module(), Graph())
+    return frozenset({*dir(probe), *probe.__dict__, "fxfuse_report"})
+
+
+_RESERVED = _reserved_names()
+
+
 class _Paths:
     """Which dotted paths of the result are taken, so new modules get names of their own.
 
-    A path is free when nothing uses it, nothing lives under it, and it does not go inside
-    something used (a new module must never be added to a layer of the caller's).
+    A path is free when nothing uses it, nothing lives under it, it does not go inside
+    something used (a new module must never be added to a layer of the caller's), and its
+    first name is not one ``GraphModule`` needs itself. A target whose first name is such a
+    name (a submodule called ``graph``) is renamed (``graph_``) by :meth:`rename`.
     """
 
-    def __init__(self, targets: Iterable[str]):
+    def __init__(self, targets: Iterable[str] = ()):
         self.taken: set[str] = set()
         self.prefixes: set[str] = set()
+        self.heads: dict[str, str] = {}
+        targets = list(targets)
         for target in targets:
-            self.take(target)
+            if target.partition(".")[0] not in _RESERVED:
+                self.take(target)
+        for target in targets:
+            if target.partition(".")[0] in _RESERVED:
+                self.take(self.rename(target))
 
     def take(self, path: str) -> None:
         self.taken.add(path)
@@ -121,10 +149,26 @@ class _Paths:
         if path in self.taken or path in self.prefixes:
             return False
         parts = path.split(".")
+        if parts[0] in _RESERVED:
+            return False
         return not any(".".join(parts[:i]) in self.taken for i in range(1, len(parts)))
 
+    def rename(self, path: str) -> str:
+        """``path``, with a first name ``GraphModule`` needs replaced by a free one."""
+        head, dot, rest = path.partition(".")
+        if head not in _RESERVED:
+            return path
+        if head not in self.heads:
+            candidates = (f"{head}_{i}" if i else f"{head}_" for i in itertools.count())
+            self.heads[head] = next(
+                c
+                for c in candidates
+                if c not in _RESERVED and c not in self.taken and c not in self.prefixes
+            )
+        return self.heads[head] + dot + rest
+
     def claim(self, hint: str) -> str:
-        hint = hint.strip(".") or "conv"
+        hint = self.rename(hint.strip(".") or "conv")
         if not all(part.isidentifier() or part.isdigit() for part in hint.split(".")):
             hint = "fused"
         candidates = itertools.chain(
@@ -256,17 +300,198 @@ def _held(node: Node, resolve: Callable[[str], Any], created: dict[str, Any]) ->
     return value if isinstance(value, Tensor) else None
 
 
-def _copy(value: Any, memo: dict[int, Any], target: str, notes: list[str] | None) -> Any:
+# what every nn.Module instance holds itself (parameters, children, hooks, flags): the rest of
+# a module's __dict__ is its own plain attributes (``self.stride = 2``, ``self.f = -1``)
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _deepcopy(value: Any, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy``, leaving ``memo`` as it was when it fails (a failed copy registers
+    half-built objects, which later copies would otherwise reuse)."""
+    known = len(memo)
     try:
         return copy.deepcopy(value, memo)
-    except RuntimeError as error:  # e.g. torch.nn.utils.weight_norm's computed weight
+    except Exception:
+        for key in list(memo)[known:]:
+            if key != id(memo):
+                del memo[key]
+        raise
+
+
+def _copy(value: Any, memo: dict[int, Any], target: str, notes: list[str] | None) -> Any:
+    """A deep copy of ``value`` (with ``memo``: weight tying survives). What cannot be copied
+    — a lock, an open file, ``weight_norm``'s computed weight — is shared with the caller's
+    model, one attribute at a time (a module around it is still copied), and said so in
+    ``notes``."""
+    try:
+        return _deepcopy(value, memo)
+    except Exception as error:
+        if isinstance(value, nn.Module) and not hasattr(value, "__deepcopy__"):
+            return _copy_module(value, memo, target, notes)
         if notes is not None:
+            reason = str(error).strip().splitlines()[0][:80] if str(error).strip() else ""
             notes.append(
-                f"{target} ({type(value).__name__}) cannot be copied ("
-                f"{str(error).splitlines()[0][:80]}…): the result shares it with your "
-                "model"
+                f"{target} ({type(value).__name__}) cannot be copied"
+                + (f" ({reason}…)" if reason else "")
+                + ": the result shares it with your model"
             )
         return value
+
+
+def _copy_module(
+    module: nn.Module, memo: dict[int, Any], target: str, notes: list[str] | None
+) -> nn.Module:
+    """``module`` copied attribute by attribute, for a module ``copy.deepcopy`` cannot copy
+    as a whole."""
+    new = object.__new__(type(module))
+    memo[id(module)] = new
+    state: dict[str, Any] = {}
+    for key, value in module.__dict__.items():
+        if key in ("_modules", "_parameters", "_buffers"):
+            state[key] = {
+                name: None if item is None else _copy(item, memo, f"{target}.{name}", notes)
+                for name, item in value.items()
+            }
+        else:
+            state[key] = _copy(value, memo, f"{target}.{key}", notes)
+    new.__dict__.update(state)
+    return new
+
+
+def share_hook_functions(model: nn.Module, memo: dict[int, Any]) -> None:
+    """Make copies of ``model``'s modules call the same hook objects as the originals.
+
+    A hook records into something of the user's (a dict a closure or a ``functools.partial``
+    holds, an object a bound method belongs to): a copied hook would record into a copy no
+    one reads. Only a bound method of the hooked module itself (or of a module inside it) is
+    copied with it, so it keeps acting on its own module.
+    """
+    for module in model.modules():
+        inside: set[int] | None = None
+        for name in _HOOK_DICTS:
+            for hook in getattr(module, name, {}).values():
+                owner = getattr(hook, "__self__", None)
+                if isinstance(hook, MethodType) and isinstance(owner, nn.Module):
+                    inside = inside if inside is not None else {id(m) for m in module.modules()}
+                    if id(owner) in inside:
+                        continue
+                memo.setdefault(id(hook), hook)
+
+
+def copy_hooks(source: nn.Module, target: nn.Module, memo: dict[int, Any]) -> None:
+    """Give ``target`` the forward/backward (pre-)hooks of ``source``, in order, with the same
+    hook objects (a bound method of a module that has a copy in ``memo`` acts on the copy)."""
+    for name in (*_HOOK_DICTS, *_HOOK_FLAGS):
+        hooks = getattr(source, name, None)
+        if hooks is None:
+            continue
+        copied = OrderedDict()
+        for key, hook in hooks.items():
+            owner = getattr(hook, "__self__", None)
+            if id(hook) in memo:
+                hook = memo[id(hook)]
+            elif isinstance(hook, MethodType) and id(owner) in memo:
+                hook = MethodType(hook.__func__, memo[id(owner)])
+            copied[key] = hook
+        target.__dict__[name] = copied
+
+
+_HOOK_FLAGS = (
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+    "_is_full_backward_hook",
+)
+
+
+def copy_shell(
+    module: nn.Module,
+    children: dict[str, nn.Module | None],
+    memo: dict[int, Any],
+    notes: list[str] | None,
+    *,
+    target: str,
+    shell: nn.Module | None = None,
+) -> nn.Module:
+    """A copy of ``module`` that keeps its class, its plain attributes (copied) and its hooks,
+    with ``children`` in place of its submodules: the module kept as Python code around the
+    parts fxfuse fused. ``shell`` is the object to fill (made in advance, so references to
+    ``module`` met while copying resolve to it); its parameters and buffers are copies."""
+    new = shell if shell is not None else object.__new__(type(module))
+    memo[id(module)] = new
+    state: dict[str, Any] = {}
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            state[key] = {name: children.get(name) for name in value}
+        elif key in ("_parameters", "_buffers"):
+            state[key] = {
+                name: None if item is None else _copy(item, memo, f"{target}.{name}", notes)
+                for name, item in value.items()
+            }
+        elif key in _HOOK_DICTS or key in _HOOK_FLAGS:
+            continue
+        else:
+            state[key] = _copy(value, memo, f"{target}.{key}" if target else key, notes)
+    new.__dict__.update(state)
+    copy_hooks(module, new, memo)
+    return new
+
+
+def keep_attributes(
+    part: GraphModule, module: nn.Module, memo: dict[int, Any], notes: list[str] | None
+) -> GraphModule:
+    """Make ``part`` (``module`` fused into a graph) answer as ``module`` did to the Python code
+    around it: an instance of ``module``'s class (``isinstance`` holds, its other methods
+    work) whose plain attributes (``m.f``, ``m.stride``) are copies of ``module``'s.
+
+    Every method of ``nn.Module`` itself — calling, ``train``, ``state_dict``, ``repr`` —
+    stays the ``GraphModule``'s; a name ``GraphModule`` uses itself is not copied.
+    """
+    names = set(dir(part)) | set(part.__dict__)
+    for key, value in module.__dict__.items():
+        if key not in _MODULE_STATE and key not in names:
+            part.__dict__[key] = _copy(value, memo, key, notes)
+    # (a class with a metaclass or __slots__ of its own: a plain GraphModule it stays)
+    with contextlib.suppress(TypeError):
+        part.__class__ = _fused_class(type(part), type(module))
+    return part
+
+
+def _fused_class(graph_class: type, original: type) -> type:
+    """``graph_class`` with ``original`` behind it: ``nn.Module``'s own methods stay the
+    ``GraphModule``'s (``original``'s overrides of them, a ``train`` or ``_apply`` that reads
+    submodules fused away, are skipped), ``original``'s other methods and properties answer."""
+    own = set().union(*(vars(k) for k in graph_class.__mro__ if k not in (nn.Module, object)))
+    pinned = {
+        name: value
+        for name, value in vars(nn.Module).items()
+        if name not in own
+        and name not in ("__dict__", "__weakref__", "__module__", "__doc__", "__annotations__")
+    }
+    # GraphModule.recompile (pickling runs it) wraps the class's __call__ once per class; the
+    # one the GraphModule class already has must stay the one used, or calls recurse
+    for name in ("_wrapped_call", "__call__"):
+        if name in vars(graph_class):
+            pinned[name] = vars(graph_class)[name]
+    pinned["__deepcopy__"] = _deepcopy_part
+    pinned["__qualname__"] = pinned["__name__"] = graph_class.__name__
+    return type(graph_class.__name__, (graph_class, original), pinned)
+
+
+def _deepcopy_part(self: GraphModule, memo: dict[int, Any]) -> GraphModule:
+    """``copy.deepcopy`` of a part that keeps its module's class: a copy of its state on the
+    same class (``GraphModule``'s own copy would run the module's ``__init__``)."""
+    new = object.__new__(type(self))
+    memo[id(self)] = new
+    new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    new._graph.owning_module = new  # type: ignore[attr-defined]
+    return new
 
 
 def emit(
@@ -277,14 +502,19 @@ def emit(
     notes: list[str] | None = None,
     effects: Effects | None = None,
     live: bool = False,
+    *,
+    memo: dict[int, Any] | None = None,
 ) -> GraphModule:
     """The rewritten ``graph`` as a fresh, self-contained, eval-mode ``GraphModule``.
 
     ``resolve`` looks up a target in the caller's model; ``created`` holds what fxfuse added
-    (by target). Everything the caller's model would share with the result is deep-copied,
-    with one memo so weight tying survives; what cannot be copied (a module with the legacy
-    ``weight_norm`` hook) is shared, and said so in ``notes``. With ``live`` weights, fused
-    layers compute their weights from the graph's inputs on every call (the compile backend).
+    or built itself (by target), which the result holds as it is. Everything the caller's
+    model would share with the result is deep-copied, with one ``memo`` (pass one to share it
+    across results) so weight tying survives; what cannot be copied (a module with the legacy
+    ``weight_norm`` hook, a lock) is shared, and said so in ``notes``. A target whose name
+    ``GraphModule`` needs itself (a submodule called ``graph`` or ``meta``) is renamed. With
+    ``live`` weights, fused layers compute their weights from the graph's inputs on every call
+    (the compile backend).
     """
     # new call_module targets are checked against a graph's owning module; the result owns it
     graph.owning_module = None
@@ -294,17 +524,28 @@ def emit(
     targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
     owned: dict[str, Any] = {t: created[t] for t in targets if t in created}
     paths = _Paths(targets)
+    source: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            new = paths.rename(str(node.target))
+            source.setdefault(new, str(node.target))
+            node.target = new
     lowering = _Lowering(graph, paths, owned, live)
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _LOWERED]:
         lowering.lower(node)
     graph.lint()
-    memo: dict[int, Any] = {}
+    memo = {} if memo is None else memo
     attributes = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in attributes:
             target = str(node.target)
+            old = source.get(target, target)
             attributes[target] = (
-                owned[target] if target in owned else _copy(resolve(target), memo, target, notes)
+                owned[target]
+                if target in owned
+                else owned[old]
+                if old in owned
+                else _copy(resolve(old), memo, old, notes)
             )
     fused = GraphModule(attributes, graph, class_name=class_name)
     # Eval mode for what fxfuse made (the root, containers, fused layers); a copied layer of

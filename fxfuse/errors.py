@@ -33,7 +33,21 @@ def warn(message: str, stacklevel: int = 3) -> None:
 
 
 class CaptureError(FxFuseError):
-    """The model could not be captured as a graph; the message says where and what to try."""
+    """Nothing in the model could be captured as a graph.
+
+    ``message`` is one line naming the construct and where it is; ``hint`` is what to try from
+    Python, ``cli_hint`` what to try on the command line (``str(error)`` shows the message and
+    the Python hint).
+    """
+
+    def __init__(self, message: str, *, hint: str = "", cli_hint: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.cli_hint = cli_hint or hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
 
 
 class TrainingModeError(FxFuseError, ValueError):

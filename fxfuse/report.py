@@ -20,7 +20,15 @@ from fxfuse.dialects import (
     aten,
 )
 
-__all__ = ["Decline", "FusionReport", "GraphStats", "Rewrite", "graph_stats", "op_kind"]
+__all__ = [
+    "Decline",
+    "FusionReport",
+    "GraphStats",
+    "Part",
+    "Rewrite",
+    "graph_stats",
+    "op_kind",
+]
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,41 @@ class GraphStats:
     linears: int
     parameters: int
     nodes: int
+
+    def __add__(self, other: GraphStats) -> GraphStats:
+        return GraphStats(
+            *(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__)
+        )
+
+
+NO_OPS = GraphStats(0, 0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of the model as :func:`fxfuse.optimize` handled it.
+
+    ``path`` is where it sits in the model (``""``: the model itself) and ``module`` its
+    class. ``kind`` is ``"graph"`` (captured, fused; ``capture`` says how) or ``"python"``
+    (kept as the module's own code, its submodules handled as parts of their own; ``reason``
+    says why — the construct ``torch.fx`` met, ``forward hooks``, or ``no forward of its
+    own`` for a ``ModuleList`` — and ``where`` is ``file:line `code```). ``before``/``after``
+    count the ops of the part itself: a graph's call sites, or the ``torch.nn`` layers a
+    Python part calls directly (each once); ``parameters`` are those it holds itself.
+    """
+
+    path: str
+    module: str
+    kind: str
+    before: GraphStats = NO_OPS
+    after: GraphStats = NO_OPS
+    capture: str = ""
+    reason: str = ""
+    where: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path or "the model"
 
 
 _CONV_TARGETS = frozenset({*CONV_FUNCTIONS, *CONV_TRANSPOSE_FUNCTIONS, aten.convolution.default})
@@ -103,6 +146,13 @@ class FusionReport:
     With per-rewrite validation on, ``validation`` counts rewrites ``validated``, ``rolled
     back`` and ``not checkable``; with ``optimize(..., verify=True)``, ``verification`` is the
     :class:`~fxfuse.verify.VerificationReport`.
+
+    ``parts`` lists each :class:`Part`: one graph when the whole model was captured, else each
+    part fused and each part kept as Python, and why; ``before``/``after`` are then the sums
+    over the parts, and rewrites and declines in a part name their node ``path:node``.
+    ``specialized`` lists what a ``torch.export`` capture requires of the input dims fxfuse
+    asked it to keep dynamic (``x.shape[2] == 224``, ``x.shape[2] == x.shape[3]``): other
+    inputs raise.
     """
 
     capture: str
@@ -115,6 +165,8 @@ class FusionReport:
     counts: Counter[str] = field(default_factory=Counter)
     validation: Counter[str] | None = None
     verification: Any = None
+    parts: list[Part] = field(default_factory=list)
+    specialized: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -138,18 +190,20 @@ class FusionReport:
         width = [max(len(r[i]) for r in rows) for i in range(3)]
         for r in rows:
             lines.append(f"  {r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}")
+        if self.specialized:
+            lines.append(
+                "specialized to the example's shape (other sizes raise): "
+                + ", ".join(self.specialized)
+            )
+        lines += self._parts_lines()
         if self.counts:
             lines.append("rules fired:")
             for rule, count in sorted(self.counts.items()):
                 lines.append(f"  {rule:<22} {count:>5}")
         else:
             lines.append("rules fired: none")
-        if self.declines:
-            lines.append(f"declined ({len(self.declines)}):")
-            for d in self.declines:
-                lines.append(f"  {d.rule} at {d.node}: {d.reason}")
-        for note in self.notes:
-            lines.append(f"note: {note}")
+        lines += self._decline_lines()
+        lines += [f"note: {note}" for note in _at_most(self.notes, _LIMIT)]
         if self.validation is not None:
             checks = ", ".join(
                 f"{self.validation[k]} {k}" for k in ("validated", "rolled back", "not checkable")
@@ -161,3 +215,85 @@ class FusionReport:
             timing = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.timings.items())
             lines.append(f"time: {timing}")
         return "\n".join(lines)
+
+    def _parts_lines(self) -> list[str]:
+        """The parts, grouped by class and reason (a 200-block model reads in a few lines)."""
+        if len(self.parts) <= 1:
+            return []
+        graphs = [p for p in self.parts if p.kind == "graph"]
+        python = [p for p in self.parts if p.kind == "python"]
+        lines = [
+            f"captured part by part: {_count(graphs, 'graph')} fused, "
+            f"{_count(python, 'part')} kept as Python code around them"
+        ]
+        groups: dict[tuple[str, str, str], list[Part]] = {}
+        for part in python:
+            groups.setdefault((part.module, part.reason, part.where), []).append(part)
+        if groups:
+            lines.append("  kept as Python:")
+        for (module, reason, where), members in _at_most_groups(groups):
+            paths = _paths(members)
+            lines.append(
+                f"    {module}{_times(members)} ({paths}): {reason}"
+                + (f" at {where}" if where else "")
+            )
+        fused: dict[str, list[Part]] = {}
+        for part in graphs:
+            fused.setdefault(part.module, []).append(part)
+        ranked = sorted(
+            fused.items(),
+            key=lambda item: -sum(p.before.convs + p.before.batch_norms for p in item[1]),
+        )
+        if ranked:
+            lines.append("  fused graphs (most convs and batch norms first):")
+        for module, members in ranked[:_LIMIT]:
+            before = sum((p.before for p in members), NO_OPS)
+            after = sum((p.after for p in members), NO_OPS)
+            lines.append(
+                f"    {module}{_times(members)} ({_paths(members)}): convs {before.convs} → "
+                f"{after.convs}, batch norms {before.batch_norms} → {after.batch_norms}"
+            )
+        if len(ranked) > _LIMIT:
+            lines.append(f"    … and {len(ranked) - _LIMIT} more classes")
+        return lines
+
+    def _decline_lines(self) -> list[str]:
+        if not self.declines:
+            return []
+        lines = [f"declined ({len(self.declines)}):"]
+        if len(self.declines) <= _LIMIT:
+            return lines + [f"  {d.rule} at {d.node}: {d.reason}" for d in self.declines]
+        groups: dict[tuple[str, str], list[Decline]] = {}
+        for d in self.declines:
+            groups.setdefault((d.rule, d.reason), []).append(d)
+        for (rule, reason), members in _at_most_groups(groups):
+            nodes = ", ".join(d.node for d in members[:3]) + (", …" if len(members) > 3 else "")
+            lines.append(f"  {rule}{_times(members)} at {nodes}: {reason}")
+        return lines
+
+
+_LIMIT = 12  # lines per section of str(report)
+
+
+def _count(items: list[Any], noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _times(members: list[Any]) -> str:
+    return f" ×{len(members)}" if len(members) > 1 else ""
+
+
+def _paths(parts: list[Part]) -> str:
+    return ", ".join(p.name for p in parts[:2]) + (", …" if len(parts) > 2 else "")
+
+
+def _at_most(items: list[str], limit: int) -> list[str]:
+    if len(items) <= limit:
+        return items
+    return [*items[:limit], f"… and {len(items) - limit} more"]
+
+
+def _at_most_groups(groups: dict[Any, list[Any]]) -> list[tuple[Any, list[Any]]]:
+    """The largest groups first, at most :data:`_LIMIT` of them."""
+    ranked = sorted(groups.items(), key=lambda item: -len(item[1]))
+    return ranked[:_LIMIT]

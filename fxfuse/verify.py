@@ -38,12 +38,13 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from fxfuse.compare import Comparison, Difference, compare_outputs
 from fxfuse.errors import NondeterministicError, VerificationError
 
-__all__ = ["VerificationReport", "buffers_restored", "verify"]
+__all__ = ["VerificationReport", "buffers_restored", "fresh_copies", "verify"]
 
 log = logging.getLogger("fxfuse")
 
@@ -150,6 +151,15 @@ def buffers_restored(*models: Any) -> Iterator[None]:
                     buffer.copy_(copy)
 
 
+def fresh_copies(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """``inputs`` with every tensor (in tuples, lists and dicts too) cloned: a run that changes
+    its inputs in place (a model that normalizes ``x`` with ``x.sub_(…)``) changes only its
+    own copy, so every run sees the same values and the caller's tensors never change."""
+    return tuple(
+        pytree.tree_map_only(Tensor, lambda t: t.clone(), tuple(inputs))  # (keeps strides)
+    )
+
+
 def _on_cuda(models: Sequence[Any], inputs: Sequence[Any]) -> bool:
     tensors = [x for x in inputs if isinstance(x, Tensor)]
     for model in models:
@@ -211,7 +221,7 @@ class _Job:
         """Run both models on the example: the reference must accept it and be a function of
         it; the candidate must agree (else the example itself is the counterexample)."""
         try:
-            expected = self.reference(*self.example)
+            expected = self.reference(*fresh_copies(self.example))
         except Exception as error:
             raise ValueError(
                 f"the reference raises on example_inputs ({_shapes(self.example)}): "
@@ -223,7 +233,7 @@ class _Job:
             raise self._error(failure, self.example, None, "on the example inputs")
 
     def _check_deterministic(self, inputs: tuple[Any, ...], expected: Any) -> None:
-        again = self.reference(*inputs)
+        again = self.reference(*fresh_copies(inputs))
         comparison = compare_outputs(expected, again, self.tolerance)
         if comparison.failure is not None:
             failure = comparison.failure
@@ -252,7 +262,7 @@ class _Job:
                 self.example, axes, s.InputCase(sizes, "normal", False), self.seed
             )
             try:
-                self.reference(*inputs)
+                self.reference(*fresh_copies(inputs))
             except Exception as error:
                 first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
                 self.report.fixed.append(
@@ -271,7 +281,7 @@ class _Job:
             raise self.fatal
         inputs = self.strategies.build_inputs(self.example, self.axes, case, self.seed)
         try:
-            expected = self.reference(*inputs)
+            expected = self.reference(*fresh_copies(inputs))
         except Exception:
             self.report.skipped += 1
             return _REJECTED
@@ -288,7 +298,7 @@ class _Job:
 
     def _compare(self, inputs: tuple[Any, ...], expected: Any, where: str) -> Difference | None:
         try:
-            actual = self.candidate(*inputs)
+            actual = self.candidate(*fresh_copies(inputs))
         except Exception as error:
             return Difference(
                 "output", "raised", f"the candidate raised {type(error).__name__}: {error}"

@@ -111,14 +111,32 @@ class Outer(nn.Module):
         return self.inner(self.bn(self.conv(x)))
 
 
-def test_untraceable_model_names_the_construct_and_what_to_try() -> None:
-    model = Outer().eval()
+def test_an_untraceable_submodule_is_kept_as_python_and_the_rest_fuses() -> None:
+    model = randomize_batch_norms(Outer().eval())
+    fused = fxfuse.optimize(model)
+    x = torch.randn(1, 3, 8, 8)
+    assert relative_error(model(x), fused(x)) < 1e-6
+    assert count_ops(fused, x)["batch_norm"] == 0
+    report = fused.fxfuse_report
+    (kept,) = [p for p in report.parts if p.kind == "python"]
+    assert kept.path == "inner" and kept.module == "DataDependent"
+    assert "control flow" in kept.reason and "test_api.py" in kept.where
+    assert "if x.sum() > 0" in kept.where and "DataDependent (inner)" in str(report)
+    assert isinstance(fused.inner, DataDependent) and fused.inner is not model.inner
+
+
+def test_what_nothing_can_capture_is_one_line_and_a_hint() -> None:
+    class Dynamic(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x * 2 if x.sum() > 0 else x
+
     with pytest.raises(CaptureError) as info:
-        fxfuse.optimize(model)
-    message = str(info.value)
-    assert "control flow" in message
-    assert "if x.sum() > 0" in message and "test_api.py" in message
-    assert "leaf_modules=[DataDependent]" in message
+        fxfuse.optimize(Dynamic().eval())
+    message, hint = str(info.value).splitlines()
+    assert "cannot capture Dynamic" in message and "control flow" in message
+    assert "test_api.py" in message and "x.sum() > 0" in message
+    assert hint == "  hint: " + info.value.hint and "example inputs" in hint
+    assert "leaf_modules" not in str(info.value)
     assert isinstance(info.value.__cause__, Exception)
 
 

@@ -51,14 +51,16 @@ def test_profiled_count_of_a_frozen_script_module_reads_its_graph() -> None:
 
 
 class DataDependent(nn.Module):
-    """fx cannot trace this; every tracing-based variant must fail on it, alone."""
+    """fx cannot trace this, nor any part of it alone (its layers are torch.nn's, called from
+    its own code): every tracing-based variant must fail on it, alone."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.block = RepVGGBlock(4, 4)
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.block(x) if x.sum() > 0 else -self.block(x)
+        y = self.bn(self.conv(x))
+        return y if x.sum() > 0 else -y
 
 
 def test_compare_measures_each_variant_and_reports_what_does_not_apply() -> None:

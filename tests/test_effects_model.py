@@ -10,19 +10,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Graph, Node
 
-from fxfuse.capture import symbolic_capture
+from fxfuse.capture import Traced, symbolic_capture, trace_part
 from fxfuse.effects import Effects, ImpureCall, run_pure
 
 
 def _effects(model: nn.Module) -> tuple[Graph, Effects, dict[str, Node]]:
-    graph = symbolic_capture(model)
-    modules = dict(model.named_modules())
+    traced = trace_part(model)  # (its root, a copy of model's, holds the tensors forward builds)
+    assert isinstance(traced, Traced)
+    graph, root = traced.graph, traced.root
+    modules = dict(root.named_modules())
 
     def tensor(node: Node) -> Tensor | None:
         if node.op != "get_attr":
             return None
         owner, _, name = str(node.target).rpartition(".")
-        value = getattr(modules[owner] if owner else model, name)
+        value = getattr(modules[owner] if owner else root, name)
         return value if isinstance(value, Tensor) else None
 
     effects = Effects(graph, modules.__getitem__, tensor)
