@@ -264,7 +264,9 @@ def _global_hooks_held_back() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def structural_copy(module: nn.Module, *, hooks: bool = True) -> nn.Module:
+def structural_copy(
+    module: nn.Module, *, hooks: bool = True, own_buffers: bool = False
+) -> nn.Module:
     """New module objects with ``module``'s structure, sharing its tensors and values.
 
     Tracing runs ``forward``, and ``forward`` may write to ``self`` (``self.shape = …``, a
@@ -272,7 +274,9 @@ def structural_copy(module: nn.Module, *, hooks: bool = True) -> nn.Module:
     writes land on objects fxfuse owns: the modules, and the lists, dicts and sets among
     their plain attributes, are new. Parameters and buffers are the caller's own tensors, so
     the graph's targets name them exactly. ``hooks=False`` leaves the copies without the
-    modules' hooks (to run it without calling the user's hooks).
+    modules' hooks (to run it without calling the user's hooks); ``own_buffers`` gives it
+    copies of the buffers (to run it: a forward that updates a buffer in place must not
+    update the caller's, nor teach the copy a value the caller's model does not hold).
     """
     made: dict[int, Any] = {}
 
@@ -290,11 +294,22 @@ def structural_copy(module: nn.Module, *, hooks: bool = True) -> nn.Module:
             elif isinstance(value, (list, dict, set, tuple)):
                 state[key] = _unshared(value, made)
         state["_modules"] = {k: None if c is None else visit(c) for k, c in m._modules.items()}
+        if own_buffers:
+            state["_buffers"] = {
+                k: None if b is None else _owned(b, made) for k, b in m._buffers.items()
+            }
         new.__dict__.update(state)
         return new
 
     with _no_collection():
         return visit(module)
+
+
+def _owned(tensor: torch.Tensor, made: dict[int, Any]) -> torch.Tensor:
+    """A copy of ``tensor``, one per tensor (a buffer registered twice stays one)."""
+    if id(tensor) not in made:
+        made[id(tensor)] = tensor.detach().clone()
+    return made[id(tensor)]  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager
@@ -684,7 +699,7 @@ def export_capture(model: nn.Module, example_inputs: Sequence[Any]) -> Exported:
             with warnings.catch_warnings():  # ("attribute assigned during export": the copy's)
                 warnings.filterwarnings("ignore", message=".*assigned during export")
                 program = torch.export.export(
-                    structural_copy(model), args, dynamic_shapes=_auto_dims(args)
+                    structural_copy(model, own_buffers=True), args, dynamic_shapes=_auto_dims(args)
                 )
         except Exception as failed:  # export fails in many ways
             error = error or failed
@@ -695,6 +710,12 @@ def export_capture(model: nn.Module, example_inputs: Sequence[Any]) -> Exported:
         module = program.run_decompositions({}).module()
         with torch.no_grad():  # concrete shapes beside export's symbolic ones, for the checks
             ShapeProp(module).propagate(*fresh_copies(example))  # that draw inputs
+            # (the runs may have updated buffers the forward writes: the result starts from
+            # the caller's values)
+            own = dict(model.named_buffers())
+            for name, buffer in module.named_buffers():
+                if name in own and buffer.shape == own[name].shape:
+                    buffer.copy_(own[name])
         return Exported(module, specialized)
     assert error is not None
     failure = _failure(error)

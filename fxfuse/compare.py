@@ -228,9 +228,13 @@ def _leaf_difference(
 
 
 def compare_outputs(
-    reference: Any, candidate: Any, tolerance: float | Mapping[torch.dtype, float] | None = None
+    reference: Any,
+    candidate: Any,
+    tolerance: float | Mapping[torch.dtype, float] | None = None,
+    root: str = "output",
 ) -> Comparison:
-    """Compare two nested outputs leaf by leaf (see the module docstring).
+    """Compare two nested outputs leaf by leaf (see the module docstring); paths start at
+    ``root`` (``output[1]['logits']``).
 
     The failure reported is the structural one if the nesting differs, else the one furthest
     above its tolerance.
@@ -238,7 +242,7 @@ def compare_outputs(
     comparison = Comparison()
     failures: list[Difference] = []
     try:
-        for path, r, c in paired_leaves(reference, candidate):
+        for path, r, c in paired_leaves(reference, candidate, root):
             difference = _leaf_difference(path, r, c, comparison, tolerance)
             if difference is not None:
                 failures.append(difference)

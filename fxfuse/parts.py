@@ -131,7 +131,8 @@ class _Assembly:
             original = module.get_submodule(leaf)
             if not default_leaf(original):  # (a torch.nn layer with hooks is copied as is)
                 call = _Call.of(traced.graph, leaf)
-                given[leaf] = self.build(original, _join(path, leaf), call=call, in_python=False)
+                # (a leaf keeps its class and attributes too: what it holds is still its own)
+                given[leaf] = self.build(original, _join(path, leaf), call=call, in_python=True)
         fused = fuse_graph(
             traced.graph,
             traced.root,

@@ -221,7 +221,7 @@ class _Job:
         """Run both models on the example: the reference must accept it and be a function of
         it; the candidate must agree (else the example itself is the counterexample)."""
         try:
-            expected = self.reference(*fresh_copies(self.example))
+            expected = _call(self.reference, self.example)
         except Exception as error:
             raise ValueError(
                 f"the reference raises on example_inputs ({_shapes(self.example)}): "
@@ -233,8 +233,8 @@ class _Job:
             raise self._error(failure, self.example, None, "on the example inputs")
 
     def _check_deterministic(self, inputs: tuple[Any, ...], expected: Any) -> None:
-        again = self.reference(*fresh_copies(inputs))
-        comparison = compare_outputs(expected, again, self.tolerance)
+        again = _call(self.reference, inputs)
+        comparison = compare_outputs(expected[0], again[0], self.tolerance)
         if comparison.failure is not None:
             failure = comparison.failure
             raise NondeterministicError(
@@ -281,7 +281,7 @@ class _Job:
             raise self.fatal
         inputs = self.strategies.build_inputs(self.example, self.axes, case, self.seed)
         try:
-            expected = self.reference(*fresh_copies(inputs))
+            expected = _call(self.reference, inputs)
         except Exception:
             self.report.skipped += 1
             return _REJECTED
@@ -296,14 +296,29 @@ class _Job:
                 raise
         return _Outcome(failure=failure)
 
-    def _compare(self, inputs: tuple[Any, ...], expected: Any, where: str) -> Difference | None:
+    def _compare(
+        self, inputs: tuple[Any, ...], expected: tuple[Any, tuple[Any, ...]], where: str
+    ) -> Difference | None:
+        """Run the candidate on copies of ``inputs`` and compare its output, and what it left
+        in its inputs (a model may update an argument in place), with the reference's."""
         try:
-            actual = self.candidate(*fresh_copies(inputs))
+            actual = _call(self.candidate, inputs)
         except Exception as error:
             return Difference(
                 "output", "raised", f"the candidate raised {type(error).__name__}: {error}"
             )
-        comparison: Comparison = compare_outputs(expected, actual, self.tolerance)
+        comparison: Comparison = compare_outputs(expected[0], actual[0], self.tolerance)
+        # inputs either call changed in place: the candidate must leave them as the reference
+        written = sorted({*_written(inputs, expected[1]), *_written(inputs, actual[1])})
+        if written:
+            effects = compare_outputs(
+                {f"[{i}]": expected[1][i] for i in written},
+                {f"[{i}]": actual[1][i] for i in written},
+                self.tolerance,
+                root="input",
+            )
+            comparison.errors.update(effects.errors)
+            comparison.failure = comparison.failure or effects.failure
         report = self.report
         report.examples += 1
         self._shapes.setdefault(_shapes(inputs))
@@ -352,6 +367,21 @@ class _Job:
     def error_for(self, case: Any, failure: Difference, how: str) -> VerificationError:
         inputs = self.strategies.build_inputs(self.example, self.axes, case, self.seed)
         return self._error(failure, inputs, case, how)
+
+
+def _call(fn: Callable[..., Any], inputs: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+    """``fn``'s output on fresh copies of ``inputs``, and those copies after the call."""
+    copies = fresh_copies(inputs)
+    return fn(*copies), copies
+
+
+def _written(before: tuple[Any, ...], after: tuple[Any, ...]) -> list[int]:
+    """The positions of the tensor inputs a call changed in place."""
+    return [
+        i
+        for i, (b, a) in enumerate(zip(before, after, strict=True))
+        if isinstance(b, Tensor) and isinstance(a, Tensor) and not torch.equal(a, b)
+    ]
 
 
 @contextlib.contextmanager

@@ -293,7 +293,9 @@ class MergeBranches(Rule[BranchGroup]):
             if term.diagonal is None:
                 continue
             d = term.diagonal
-            scale = term.coefficient if d.scale is None else mul(term.coefficient, d.scale)
+            scale = term.coefficient
+            if d.scale is not None:  # (a (1, C, 1) coefficient times a (C,) scale: per channel)
+                scale = mul(apply(kernels.channel_vector, scale, channels), d.scale)
             centre = tuple(w.offsets[i] for w in plan.windows)
             parts.append(
                 apply(kernels.diagonal_kernel, scale, channels, plan.groups, extent, centre)
