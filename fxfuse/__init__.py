@@ -23,6 +23,7 @@ from fxfuse.errors import (
     TrainingModeError,
     VerificationError,
 )
+from fxfuse.rdrop import rdrop, rdrop_loss
 from fxfuse.report import Decline, FusionReport, GraphStats, Rewrite
 from fxfuse.rules import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
 from fxfuse.verify import VerificationReport, verify
@@ -46,6 +47,8 @@ __all__ = [
     "VerificationError",
     "VerificationReport",
     "optimize",
+    "rdrop",
+    "rdrop_loss",
     "verify",
 ]
 
