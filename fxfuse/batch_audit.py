@@ -32,12 +32,11 @@ op, the line of the model that ran it, and the reason.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -576,300 +575,129 @@ _SIZE_ARGUMENTS = frozenset(
 
 
 def _table() -> dict[Any, _Kind]:
-    """Every aten op the check knows, by overload packet; other pointwise-tagged ops work
-    along no dim."""
+    """Every aten op the check knows, by overload packet (pointwise-tagged overloads aside:
+    they work along no dim)."""
     table: dict[Any, _Kind] = {}
 
-    def add(names: Iterable[str], kind: _Kind) -> None:
-        for name in names:
+    def add(names: str, kind: _Kind) -> None:
+        for name in names.split():
             packet = getattr(aten, name, None)
             if packet is not None:
                 table[packet] = kind
 
+    # moves, copies and element-wise ops without the pointwise tag
     add(
-        [
-            "alias",
-            "detach",
-            "detach_",
-            "clone",
-            "_to_copy",
-            "lift_fresh",
-            "lift_fresh_copy",
-            "copy",
-            "copy_",
-            "permute",
-            "transpose",
-            "transpose_",
-            "t",
-            "t_",
-            "squeeze",
-            "squeeze_",
-            "unsqueeze",
-            "unsqueeze_",
-            "expand",
-            "expand_copy",
-            "stack",
-            "fill_",
-            "zero_",
-            "resolve_conj",
-            "resolve_neg",
-            # element-wise, without the pointwise tag
-            "hardswish",
-            "hardswish_",
-            "hardsigmoid",
-            "hardsigmoid_",
-            "log_sigmoid_forward",
-            "_prelu_kernel",
-            "hardshrink",
-            "softshrink",
-        ],
+        "alias detach detach_ clone _to_copy lift_fresh lift_fresh_copy copy copy_ permute "
+        "transpose transpose_ t t_ squeeze squeeze_ unsqueeze unsqueeze_ expand expand_copy "
+        "stack fill_ zero_ resolve_conj resolve_neg hardswish hardswish_ hardsigmoid "
+        "hardsigmoid_ log_sigmoid_forward _prelu_kernel hardshrink softshrink",
         _Kind(_nothing),
     )
+    add("view _unsafe_view reshape _reshape_alias view_copy", _Kind(_nothing, reshape=True))
+    add("select", _Kind(_along("self", default=0)))
+    add("slice", _Kind(_slice))
+    add("split split_with_sizes unbind", _Kind(_pieces))
+    add("cat", _Kind(_cat))
+    add("repeat", _Kind(_repeat))
+    add("constant_pad_nd", _Kind(_pad))
+    add("unfold", _Kind(_unfold))
+    add("diagonal", _Kind(_diagonal))
+    add("as_strided as_strided_", _Kind(_as_strided))
     add(
-        ["view", "_unsafe_view", "reshape", "_reshape_alias", "view_copy"],
-        _Kind(_nothing, reshape=True),
-    )
-    add(["select"], _Kind(lambda op: {"self": {_norm(op.arg("dim"), op.ndim("self"))}}))
-    add(["slice"], _Kind(_slice))
-    add(["split", "split_with_sizes", "unbind"], _Kind(_pieces))
-    add(["cat"], _Kind(_cat))
-    add(["repeat"], _Kind(_repeat))
-    add(["constant_pad_nd"], _Kind(_pad))
-    add(["unfold"], _Kind(_unfold))
-    add(["diagonal"], _Kind(_diagonal))
-    add(
-        [
-            "view_as_real",
-            "view_as_complex",
-            "masked_select",
-            "take",
-            "nonzero",
-            "tensor_split",
-        ],
+        "view_as_real view_as_complex masked_select take nonzero tensor_split",
         _Kind(_all_dims("self")),
     )
-    add(["flip"], _Kind(_along("self", arg="dims")))
-    add(["roll"], _Kind(_along("self", arg="dims")))
-    add(["renorm"], _Kind(_renorm))
-    add(["as_strided", "as_strided_"], _Kind(_as_strided))
-    add(["triu", "tril"], _Kind(_last("self", -2, -1)))
+    add("flip roll", _Kind(_along("self", arg="dims")))
+    add("renorm", _Kind(_renorm))
+    add("triu tril", _Kind(_last("self", -2, -1)))
+    # along a dim: scans, normalisations, sorts, reductions, gathers and scatters
     add(
-        [
-            "_softmax",
-            "_log_softmax",
-            "_safe_softmax",
-            "cumsum",
-            "cumsum_",
-            "cumprod",
-            "cummax",
-            "cummin",
-            "logcumsumexp",
-            "glu",
-            "sort",
-            "argsort",
-            "topk",
-            "kthvalue",
-            "mode",
-        ],
+        "_softmax _log_softmax _safe_softmax cumsum cumsum_ cumprod cummax cummin logcumsumexp "
+        "glu sort argsort topk kthvalue mode",
         _Kind(_along("self", default=-1)),
     )
     add(
-        [
-            "sum",
-            "mean",
-            "amax",
-            "amin",
-            "max",
-            "min",
-            "argmax",
-            "argmin",
-            "prod",
-            "var",
-            "std",
-            "var_mean",
-            "std_mean",
-            "logsumexp",
-            "norm",
-            "linalg_vector_norm",
-            "any",
-            "all",
-            "nansum",
-            "nanmean",
-            "count_nonzero",
-            "median",
-            "nanmedian",
-            "aminmax",
-        ],
+        "sum mean amax amin max min argmax argmin prod var std var_mean std_mean logsumexp norm "
+        "linalg_vector_norm any all nansum nanmean count_nonzero median nanmedian aminmax",
         _Kind(_along("self")),
     )
     add(
-        [
-            "gather",
-            "index_select",
-            "scatter",
-            "scatter_",
-            "scatter_add",
-            "scatter_add_",
-            "scatter_reduce",
-            "scatter_reduce_",
-            "index_add",
-            "index_add_",
-            "index_copy",
-            "index_copy_",
-            "index_fill",
-            "index_fill_",
-        ],
+        "gather index_select scatter scatter_ scatter_add scatter_add_ scatter_reduce "
+        "scatter_reduce_ index_add index_add_ index_copy index_copy_ index_fill index_fill_",
         _Kind(_merge(_along("self", "src", "source"), _all_dims("index"))),
     )
     add(
-        [
-            "index",
-            "_unsafe_index",
-            "index_put",
-            "index_put_",
-            "_index_put_impl_",
-            "_unsafe_index_put",
-        ],
-        _Kind(_index),
+        "index _unsafe_index index_put index_put_ _index_put_impl_ _unsafe_index_put", _Kind(_index)
     )
-    add(["embedding"], _Kind(_all_dims("weight")))
-    add(["bucketize", "searchsorted"], _Kind(_all_dims("boundaries", "sorted_sequence")))
-    add(["nll_loss_forward", "nll_loss2d_forward"], _Kind(_nll_loss))
-    add(["mm"], _Kind(_merge(_last("self", -1), _last("mat2", -2))))
-    add(["addmm", "addmm_"], _Kind(_merge(_last("mat1", -1), _last("mat2", -2))))
-    add(["bmm"], _Kind(_merge(_last("self", -1), _last("mat2", -2))))
-    add(["baddbmm", "baddbmm_"], _Kind(_merge(_last("batch1", -1), _last("batch2", -2))))
-    add(["addbmm"], _Kind(_merge(_last("batch1", -3, -1), _last("batch2", -3, -2))))
-    add(["mv", "addmv"], _Kind(_merge(_last("self", -1), _last("mat", -1), _all_dims("vec"))))
-    add(["dot", "vdot"], _Kind(_all_dims("self", "tensor")))
-    add(["_cdist_forward"], _Kind(_merge(_last("x1", -1), _last("x2", -2, -1))))
+    add("embedding", _Kind(_all_dims("weight")))
+    add("bucketize searchsorted", _Kind(_all_dims("boundaries", "sorted_sequence")))
+    add("nll_loss_forward nll_loss2d_forward", _Kind(_nll_loss))
+    # matrix products: along the contracted dims
+    add("mm bmm", _Kind(_merge(_last("self", -1), _last("mat2", -2))))
+    add("addmm addmm_", _Kind(_merge(_last("mat1", -1), _last("mat2", -2))))
+    add("baddbmm baddbmm_", _Kind(_merge(_last("batch1", -1), _last("batch2", -2))))
+    add("addbmm", _Kind(_merge(_last("batch1", -3, -1), _last("batch2", -3, -2))))
+    add("mv addmv", _Kind(_merge(_last("self", -1), _last("mat", -1), _all_dims("vec"))))
+    add("dot vdot", _Kind(_all_dims("self", "tensor")))
+    add("_cdist_forward", _Kind(_merge(_last("x1", -1), _last("x2", -2, -1))))
     add(
-        [
-            "_scaled_dot_product_flash_attention_for_cpu",
-            "_scaled_dot_product_flash_attention",
-            "_scaled_dot_product_efficient_attention",
-            "_scaled_dot_product_cudnn_attention",
-            "_scaled_dot_product_fused_attention_overrideable",
-        ],
+        "_scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_flash_attention "
+        "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention "
+        "_scaled_dot_product_fused_attention_overrideable",
         _Kind(_attention, random=True, results=1),
     )
+    # convolution, pooling, resampling and normalisation
     add(
-        [
-            "convolution",
-            "_convolution",
-            "convolution_overrideable",
-            "cudnn_convolution",
-            "cudnn_convolution_transpose",
-            "mkldnn_convolution",
-            "miopen_convolution",
-        ],
+        "convolution _convolution convolution_overrideable cudnn_convolution "
+        "cudnn_convolution_transpose mkldnn_convolution miopen_convolution",
         _Kind(_convolution),
     )
     for k in (1, 2, 3):
         add(
-            [
-                f"max_pool{k}d_with_indices",
-                f"max_pool{k}d",
-                f"avg_pool{k}d",
-                f"adaptive_avg_pool{k}d",
-                f"_adaptive_avg_pool{k}d",
-                f"adaptive_max_pool{k}d",
-                f"upsample_nearest{k}d",
-                f"_upsample_nearest_exact{k}d",
-                f"reflection_pad{k}d",
-                f"replication_pad{k}d",
-                f"mkldnn_max_pool{k}d",
-                f"max_unpool{k}d",
-            ],
+            f"max_pool{k}d_with_indices max_pool{k}d avg_pool{k}d adaptive_avg_pool{k}d "
+            f"_adaptive_avg_pool{k}d adaptive_max_pool{k}d upsample_nearest{k}d "
+            f"_upsample_nearest_exact{k}d reflection_pad{k}d replication_pad{k}d "
+            f"mkldnn_max_pool{k}d max_unpool{k}d",
             _Kind(_trailing(k, "self", "input")),
         )
-        add([f"fractional_max_pool{k}d"], _Kind(_trailing(k, "self"), random=True))
-    add(["upsample_linear1d"], _Kind(_trailing(1, "self", "input")))
+        add(f"fractional_max_pool{k}d", _Kind(_trailing(k, "self"), random=True))
+    add("upsample_linear1d", _Kind(_trailing(1, "self", "input")))
     add(
-        [
-            "upsample_bilinear2d",
-            "upsample_bicubic2d",
-            "_upsample_bilinear2d_aa",
-            "_upsample_bicubic2d_aa",
-        ],
+        "upsample_bilinear2d upsample_bicubic2d _upsample_bilinear2d_aa _upsample_bicubic2d_aa",
         _Kind(_trailing(2, "self", "input")),
     )
-    add(["upsample_trilinear3d"], _Kind(_trailing(3, "self", "input")))
+    add("upsample_trilinear3d", _Kind(_trailing(3, "self", "input")))
     add(
-        ["grid_sampler_2d", "cudnn_grid_sampler"],
+        "grid_sampler_2d cudnn_grid_sampler",
         _Kind(_merge(_trailing(2, "input", "self"), _last("grid", -1))),
     )
-    add(["grid_sampler_3d"], _Kind(_merge(_trailing(3, "input"), _last("grid", -1))))
+    add("grid_sampler_3d", _Kind(_merge(_trailing(3, "input"), _last("grid", -1))))
     add(
-        [
-            "im2col",
-            "col2im",
-            "pixel_shuffle",
-            "pixel_unshuffle",
-            "channel_shuffle",
-            "native_channel_shuffle",
-        ],
+        "im2col col2im pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle",
         _Kind(_all_but_first("self")),
     )
-    add(["native_group_norm"], _Kind(_all_but_first("input", "weight", "bias")))
-    add(["native_layer_norm", "_fused_rms_norm"], _Kind(_layer_norm))
+    add("native_group_norm", _Kind(_all_but_first("input", "weight", "bias")))
+    add("native_layer_norm _fused_rms_norm", _Kind(_layer_norm))
     add(
-        [
-            "native_batch_norm",
-            "_native_batch_norm_legit",
-            "_native_batch_norm_legit_functional",
-            "_native_batch_norm_legit_no_training",
-            "cudnn_batch_norm",
-            "miopen_batch_norm",
-        ],
+        "native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_functional "
+        "_native_batch_norm_legit_no_training cudnn_batch_norm miopen_batch_norm",
         _Kind(_batch_norm, statistics=True),
     )
+    # reading only shapes, dtypes and devices
     add(
-        [
-            "new_empty",
-            "new_empty_strided",
-            "new_zeros",
-            "new_ones",
-            "new_full",
-            "empty_like",
-            "zeros_like",
-            "ones_like",
-            "full_like",
-            "sym_size",
-            "sym_stride",
-            "sym_numel",
-            "sym_storage_offset",
-            "is_same_size",
-        ],
+        "new_empty new_empty_strided new_zeros new_ones new_full empty_like zeros_like "
+        "ones_like full_like sym_size sym_stride sym_numel sym_storage_offset is_same_size",
         _Kind(_nothing, value_free=True),
     )
-    add(["rand_like", "randn_like", "randint_like"], _Kind(_nothing, value_free=True, random=True))
+    add("rand_like randn_like randint_like", _Kind(_nothing, value_free=True, random=True))
+    # random draws, element by element (multinomial: row by row)
     add(
-        [
-            "bernoulli",
-            "bernoulli_",
-            "native_dropout",
-            "normal",
-            "normal_",
-            "uniform_",
-            "exponential_",
-            "geometric_",
-            "cauchy_",
-            "log_normal_",
-            "random_",
-            "poisson",
-            "binomial",
-            "_standard_gamma",
-            "rrelu_with_noise",
-            "rrelu_with_noise_",
-            "_fused_dropout",
-            "rand",
-            "randn",
-            "randint",
-        ],
+        "bernoulli bernoulli_ native_dropout normal normal_ uniform_ exponential_ geometric_ "
+        "cauchy_ log_normal_ random_ poisson binomial _standard_gamma rrelu_with_noise "
+        "rrelu_with_noise_ _fused_dropout rand randn randint",
         _Kind(_nothing, random=True),
     )
-    add(["multinomial", "_sample_dirichlet"], _Kind(_last("self", -1), random=True))
+    add("multinomial _sample_dirichlet", _Kind(_last("self", -1), random=True))
     return table
 
 
@@ -895,10 +723,9 @@ _CARRY_POSITIONS = frozenset(
 
 
 def _kind(func: Any) -> _Kind | None:
-    kind = _TABLE.get(func.overloadpacket)
-    if kind is None and torch.Tag.pointwise in func.tags:
+    if torch.Tag.pointwise in func.tags:  # (max.other beside the reduction max.dim)
         return _POINTWISE
-    return kind
+    return _TABLE.get(func.overloadpacket)
 
 
 # --------------------------------------------------------------------------------------------
@@ -973,6 +800,8 @@ class _Follower:
             results = kind.results if kind is not None and kind.results else len(c1.outs)
             if index < results:
                 info.batch = self._result_batch(op, kind, batched, reads, o1, o2, name, info)
+            if c1.func.overloadpacket is aten.arange and info.batch == Batch(0):
+                info.iota = (op.arg("start") or 0) == 0 and (op.arg("step") or 1) == 1
             self.infos[o1.handle] = info
             self.producers[o1.handle] = c1.node
 
@@ -991,8 +820,7 @@ class _Follower:
                 f"{name} computes with each sample's position in the batch (torch.arange over "
                 "it); the second copy's samples sit at other positions"
             )
-        is_arange = op.call.func.overloadpacket is aten.arange
-        return carries or (is_arange and (op.call.args.get("start") or 0) == 0)
+        return carries
 
     def _check_acting(
         self,
@@ -1006,7 +834,7 @@ class _Follower:
         for arg, t, batch in batched:
             if batch.dim not in acting.get(arg, set()):
                 continue
-            if kind.statistics and batch.dim == 0 and not batch.merged:
+            if kind.statistics:
                 # batch norm: a batch written twice has the mean and variance it had
                 if random_in:
                     self.batch_norms_after_random.append(op.call.node)
@@ -1288,12 +1116,3 @@ def describe_node(node: Node | None) -> str:
 
 
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
-
-
-def positional_inputs(
-    module: GraphModule, args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> list[Any]:
-    """``args`` and ``kwargs`` bound to ``module``'s forward, defaults applied, as positions."""
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return list(bound.arguments.values())

@@ -25,13 +25,14 @@ several samples, computes with the batch size, or writes batch data into its sta
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import traceback
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,7 +48,6 @@ from fxfuse.batch_audit import (
     BatchError,
     audit_batch,
     describe_node,
-    positional_inputs,
 )
 from fxfuse.capture import Tracer, symbolic_capture
 from fxfuse.errors import CaptureError
@@ -65,7 +65,7 @@ __all__ = [
 log = logging.getLogger("fxfuse")
 
 #: Plans kept per twin: one per input signature (shapes past dim 0, dtypes) and mode.
-PLAN_CACHE_SIZE = 32
+PLAN_CACHE_SIZE = 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,8 +102,8 @@ def split_batch(value: Any, batched: tuple[bool, ...]) -> tuple[Any, Any]:
 
 
 def copy_back(original: Any, doubled: Any, leaves: tuple[int, ...]) -> None:
-    """Write the first half of each doubled leaf in ``leaves`` into the caller's input: the
-    model changes these inputs in place, and so does its twin."""
+    """Write the first half of each doubled leaf in ``leaves`` (pytree order) into the
+    caller's input: the model changes these inputs in place, and so does its twin."""
     originals, _ = tree_flatten(original)
     copies, _ = tree_flatten(doubled)
     with torch.no_grad():
@@ -123,6 +123,11 @@ class _Capture:
     graph: Graph
     constants: dict[str, Tensor]
     body: GraphModule  # the graph as captured, for the check
+    rewritten: dict[Any, GraphModule] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.signature = inspect.signature(self.body.forward)
+        self.arity = len(self.signature.parameters)
 
 
 @dataclass
@@ -182,8 +187,8 @@ class RDrop(nn.Module):
     def _modes(self) -> tuple[bool, ...]:
         return tuple(m.training for m in self.model.modules())
 
-    def _capture(self) -> _Capture:
-        modes = self._modes()
+    def _capture(self, modes: tuple[bool, ...] | None = None) -> _Capture:
+        modes = self._modes() if modes is None else modes
         found = self._captures.get(modes)
         if found is None:
             graph, constants = _capture(self.model, self._leaf_modules, self._concrete_args)
@@ -192,9 +197,16 @@ class RDrop(nn.Module):
         return found
 
     def _plan(self, args: tuple[Any, ...], kwargs: dict[str, Any], stacklevel: int) -> _Plan:
-        capture = self._capture()
-        inputs = positional_inputs(capture.body, args, kwargs)
-        key = (self._modes(), _signature(inputs))
+        modes = self._modes()
+        capture = self._capture(modes)
+        if not kwargs and len(args) == capture.arity and all(isinstance(a, Tensor) for a in args):
+            inputs: list[Any] = list(args)  # the common call, keyed without pytree or binding
+            key: Any = (modes, tuple((a.shape[1:], a.dim(), a.dtype, a.device) for a in args))
+        else:
+            bound = capture.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            inputs = list(bound.arguments.values())
+            key = (modes, _signature(inputs))
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
@@ -211,8 +223,13 @@ class RDrop(nn.Module):
                 "one batch of twice the size; two forward passes would give each its own",
                 stacklevel=stacklevel,
             )
-        graph = _rewrite(capture.graph, inputs, audit)
-        module = _graph_module(self.model, capture.constants, graph, f"RDrop{name}")
+        holds = tuple(_holds_batch(x) for x in inputs)
+        shape = (key[0], holds, audit.outputs, audit.mutated)  # what the rewrite depends on
+        module = capture.rewritten.get(shape)
+        if module is None:
+            graph = _rewrite(capture.graph, holds, audit)
+            module = _graph_module(self.model, capture.constants, graph, f"RDrop{name}")
+            capture.rewritten[shape] = module
         plan = self._plans[key] = _Plan(module, audit)
         while len(self._plans) > PLAN_CACHE_SIZE:
             self._plans.popitem(last=False)
@@ -260,6 +277,10 @@ def rdrop(
     random draws shared by several samples, ``x / x.shape[0]``, writes of batch data into a
     buffer, tensor inputs of different sizes along dim 0 — each raises
     :class:`~fxfuse.batch_audit.BatchError` naming the op and the line of the model.
+    ``SyncBatchNorm`` in one process is a batch norm; under ``torch.distributed`` its
+    collectives are not followed, and the check refuses them. The check runs the model's code
+    twice on fake tensors, without hooks; a model that cannot run on fake tensors (it reads
+    tensor values: ``.item()``, ``nonzero``) is refused.
 
     Args:
         model: any ``nn.Module`` ``torch.fx`` can trace, usually in training mode.
@@ -270,10 +291,11 @@ def rdrop(
         concrete_args: passed to ``torch.fx`` tracing, to fix Python-valued arguments.
 
     Raises:
-        CaptureError: ``torch.fx`` cannot trace the model.
+        CaptureError: ``torch.fx`` cannot trace the model, or its trace would not be the
+            model: a traced-through submodule has hooks (tracing runs them once, with
+            placeholders), or a random op draws from no input (tracing records its one draw).
         BatchError: doubling the batch would compute something else (raised by the call, or
-            here with ``example_inputs``); also a model whose traced-through submodules have
-            hooks, which tracing would run once, with placeholders.
+            here with ``example_inputs``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxfuse.rdrop takes an nn.Module, got {type(model).__name__}")
@@ -320,7 +342,7 @@ def _capture(
         raise CaptureError(f"torch.fx cannot capture {type(model).__name__}")
     if draws.seen:
         op, where = draws.seen[0]
-        raise BatchError(
+        raise CaptureError(
             f"fxfuse.rdrop cannot capture {type(model).__name__}: {op} at {where} draws random "
             "numbers from no input, so torch.fx runs it once, while capturing, and the twin "
             "would reuse that one draw; draw from an input instead (torch.rand_like(x), "
@@ -387,7 +409,7 @@ def _refuse_traced_hooks(model: nn.Module, leaf_modules: tuple[type[nn.Module], 
                 if module is not model
                 else "remove the hooks, or wrap the model in a module without them"
             )
-            raise BatchError(
+            raise CaptureError(
                 f"fxfuse.rdrop cannot capture {type(model).__name__}: {what} "
                 f"({type(module).__name__}) has {' and '.join(hooks)}, which tracing runs "
                 f"once, with placeholders, and the twin never again; {hint}"
@@ -413,8 +435,7 @@ def _signature(inputs: Sequence[Any]) -> Any:
     keys: list[Any] = []
     for leaf in leaves:
         if isinstance(leaf, Tensor):
-            shape = tuple(leaf.shape[1:]) if leaf.dim() else None
-            keys.append((shape, leaf.dim(), leaf.dtype, leaf.device, leaf.requires_grad))
+            keys.append((leaf.shape[1:], leaf.dim(), leaf.dtype, leaf.device))
         else:
             try:
                 hash(leaf)
@@ -441,17 +462,17 @@ def _check_batch_sizes(inputs: Sequence[Any], name: str) -> None:
         )
 
 
-def _rewrite(body: Graph, inputs: Sequence[Any], audit: BatchAudit) -> Graph:
+def _rewrite(body: Graph, holds_batch: Sequence[bool], audit: BatchAudit) -> Graph:
     """``body`` on its inputs doubled along dim 0, its output cut in two halves.
 
     ``placeholder x`` → ``x_twice = duplicate_batch(x)``, every use of ``x`` reading
-    ``x_twice``; ``output(out)`` → ``output(split_batch(out, batched))``.
+    ``x_twice``; ``output(out)`` → ``output(split_batch(out, batched))``; where the model
+    writes an input in place, ``copy_back`` writes the first half into the caller's tensor.
     """
     graph = Graph()
     env: dict[Node, Node] = {}
     output = graph.graph_copy(body, env)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    holds_batch = [_holds_batch(x) for x in inputs]
     twice: dict[Node, Node] = {}
     if placeholders:
         with graph.inserting_after(placeholders[-1]):
@@ -463,13 +484,9 @@ def _rewrite(body: Graph, inputs: Sequence[Any], audit: BatchAudit) -> Graph:
     for node, doubled in twice.items():
         node.replace_all_uses_with(doubled, delete_user_cb=_not(doubled))
     output = map_arg(output, lambda n: twice.get(n, n))
-    leaves_before = 0
-    for node, value in zip(placeholders, inputs, strict=False):
-        count = len(tree_flatten(value)[0])
-        mine = tuple(i - leaves_before for i in audit.mutated if 0 <= i - leaves_before < count)
-        if mine and node in twice:
-            graph.call_function(copy_back, (node, twice[node], mine))
-        leaves_before += count
+    if audit.mutated:
+        doubled = tuple(twice.get(p, p) for p in placeholders)
+        graph.call_function(copy_back, (tuple(placeholders), doubled, audit.mutated))
     halves = graph.call_function(split_batch, (output, audit.outputs))
     graph.output(halves)
     graph.lint()

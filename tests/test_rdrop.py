@@ -26,9 +26,6 @@ from fxfuse.errors import CaptureError
 from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
 from fxfuse.testing.strategies import models
 
-torch.set_default_dtype(torch.float32)
-
-
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
@@ -500,7 +497,7 @@ def test_inputs_of_different_batch_sizes_are_refused() -> None:
 
 
 def test_random_numbers_drawn_while_tracing_are_refused() -> None:
-    with pytest.raises(BatchError, match=r"aten\.rand at .* draws random numbers from no input"):
+    with pytest.raises(CaptureError, match=r"aten\.rand at .* draws random numbers from no input"):
         fxfuse.rdrop(Fn(lambda m, x: x * torch.rand(1, 4)))
 
 
@@ -516,7 +513,7 @@ def test_hooks_on_a_traced_through_module_are_refused_unless_kept_whole() -> Non
     model = nn.Sequential(Block(), nn.ReLU())
     sizes: list[int] = []
     model[0].register_forward_hook(lambda module, args, out: sizes.append(out.shape[0]))
-    with pytest.raises(BatchError, match=r"0 \(Block\) has forward hooks.*leaf_modules=\[Block\]"):
+    with pytest.raises(CaptureError, match=r"0 \(Block\) has forward hooks.*leaf_modules=\[Bl"):
         fxfuse.rdrop(model)
     twin = fxfuse.rdrop(model, leaf_modules=[Block])
     twin(torch.randn(3, 4))
@@ -546,6 +543,8 @@ ACCEPTED = {
     "merging the batch with time, per frame": lambda: Fn(
         lambda m, x: F.relu(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1))
     ),
+    "positions along the features": lambda: Fn(lambda m, x: x + torch.arange(x.shape[-1])),
+    "element-wise max of two tensors": lambda: Fn(lambda m, x: torch.max(x, x.flip(-1))),
     "a batch-first transformer layer": lambda: nn.Sequential(
         nn.Flatten(2), nn.TransformerEncoderLayer(20, 2, 8, dropout=0.0, batch_first=True)
     ),
@@ -691,3 +690,26 @@ def test_timm_models_are_exact_with_dropout_off(name: str) -> None:
     assert relative_error(expected, out2) <= 1e-10
     counts: Counter[str] = count_ops(fxfuse.rdrop(copy.deepcopy(reference)), x)
     assert counts["conv"] == count_ops(copy.deepcopy(reference), x)["conv"]
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_and_records_ratios_memory_and_load(tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "results.json"
+    command = [sys.executable, "-m", "benchmarks", "rdrop", "--models", "mlp", "--rounds", "2"]
+    command += ["--batch", "4", "--threads", "1", "--json", str(out), "--png", str(tmp_path / "p")]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "twin / two passes" in done.stdout
+    section = json.loads(out.read_text())["rdrop"]
+    assert section["machine"]["load_average"] and section["machine"]["load_average_after"]
+    (result,) = section["models"]
+    assert result["agreement"] <= 1e-6
+    for variant in ("two passes", "twin", "cat by hand"):
+        assert result[variant]["median_ms"] > 0
+        assert result["memory"][variant]["how"] in ("RSS high-water mark", "cuda allocator")
