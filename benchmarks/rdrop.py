@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 import fxfuse
+from benchmarks.memory import _reset_peak, _status_kib
 from fxfuse.console import progress, table
 from fxfuse.testing import relative_error
 
@@ -163,16 +164,6 @@ def time_steps(spec: str, batch: int, rounds: int, device: str) -> dict[str, Any
     return result
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def memory_here(spec: str, variant: str, batch: int, device: str) -> dict[str, Any]:
     """The child's job: one warm-up step, then the peak of one more."""
     setup = _Setup(spec, batch, device)
@@ -185,9 +176,7 @@ def memory_here(spec: str, variant: str, batch: int, device: str) -> dict[str, A
         torch.cuda.synchronize()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - before, "how": "cuda allocator"}
     before = _status_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
+    if not _reset_peak():
         return {"peak_bytes": None, "how": "unavailable (no /proc/self/clear_refs)"}
     setup.step(variant)
     hwm = _status_kib("VmHWM")
@@ -264,35 +253,6 @@ def render(results: list[dict[str, Any]]) -> str:
             ]
         )
     return table(rows, title="one R-Drop training step (forward, loss, backward, SGD step)")
-
-
-def markdown(section: dict[str, Any]) -> str:
-    """The results as the Markdown table RESULTS.md quotes."""
-    header = [
-        "model",
-        "batch",
-        "two passes (ms)",
-        "twin (ms)",
-        "cat by hand (ms)",
-        "twin / two passes",
-        "twin / by hand",
-        "peak MiB: two passes / twin / by hand",
-        "twin's check (s)",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-    for r in section["models"]:
-        peaks = " / ".join(_mib(r["memory"][v]["peak_bytes"]) for v in VARIANTS)
-        cells = [
-            r["spec"],
-            str(r["batch"]),
-            *(_ms(r[v]) for v in VARIANTS),
-            f"{r['twin']['median_ms'] / r['two passes']['median_ms']:.2f}",
-            f"{r['twin']['median_ms'] / r['cat by hand']['median_ms']:.2f}",
-            peaks,
-            f"{r['check_s']:.2f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

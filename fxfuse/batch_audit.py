@@ -453,7 +453,8 @@ def _layer_norm(op: _Op) -> Acting:
 
 
 def _batch_norm(op: _Op) -> Acting:
-    if not op.arg("training", True):
+    no_training = "no_training" in op.call.func.overloadpacket.__name__
+    if no_training or not op.arg("training", True):
         return {}  # running statistics: a per-channel affine map
     return {"input": {d for d in range(op.ndim("input")) if d != 1}}
 
@@ -957,6 +958,8 @@ def _reshaped(
 ) -> Batch | None:
     """Where a reshape (row-major order kept) puts the batch; ``None`` where it splits it."""
     step = batch.inner * math.prod(s_in[batch.dim + 1 :])  # elements per sample step
+    if step == 0:  # an empty tensor: no element tells where the batch goes
+        return None
     for q in range(len(s_out)):
         after = math.prod(s_out[q + 1 :])
         if after <= step < after * s_out[q]:
