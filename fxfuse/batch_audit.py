@@ -1111,11 +1111,12 @@ def describe_node(node: Node | None) -> str:
         return "the start of the model"
     frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.stack_trace or "")
     for path, line, code in reversed(frames):
-        if not path.startswith(_LIBRARY_DIRS):
+        if not path.startswith(LIBRARY_DIRS):
             return f"`{code.strip()}` ({os.path.basename(path)}:{line})"
     if node.op == "call_module":
         return f"self.{node.target}(...)"
     return f"node {node.name}"
 
 
-_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+#: Where torch's and fxfuse's own code lives: frames there are not the model's line.
+LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))

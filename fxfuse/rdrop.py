@@ -43,12 +43,7 @@ from torch.fx.node import map_arg
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from fxfuse.batch_audit import (
-    BatchAudit,
-    BatchError,
-    audit_batch,
-    describe_node,
-)
+from fxfuse.batch_audit import LIBRARY_DIRS, BatchAudit, BatchError, audit_batch, describe_node
 from fxfuse.capture import Tracer, symbolic_capture
 from fxfuse.errors import CaptureError
 
@@ -371,13 +366,10 @@ class _TraceTimeDraws(TorchDispatchMode):
 
 def _user_frame(stack: traceback.StackSummary) -> str:
     for frame in reversed(stack):
-        if not frame.filename.startswith(_LIBRARY_DIRS):
+        if not frame.filename.startswith(LIBRARY_DIRS):
             code = (frame.line or "").strip()
             return f"`{code}` ({os.path.basename(frame.filename)}:{frame.lineno})"
     return "an unknown line"
-
-
-_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 
 
 def _refuse_traced_hooks(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...]) -> None:
@@ -407,7 +399,7 @@ def _refuse_traced_hooks(model: nn.Module, leaf_modules: tuple[type[nn.Module], 
                 f"pass leaf_modules=[{type(module).__name__}] to keep it whole (its hooks then "
                 "run, on the doubled batch), or remove the hooks"
                 if module is not model
-                else "remove the hooks, or wrap the model in a module without them"
+                else "remove them while training with the twin"
             )
             raise CaptureError(
                 f"fxfuse.rdrop cannot capture {type(model).__name__}: {what} "
