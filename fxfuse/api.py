@@ -237,7 +237,14 @@ def fuse_graph(
 
     start = time.perf_counter()
     declines = ctx.declines()
-    fused = emit(graph, ctx.attribute, ctx.attributes, class_name=class_name, notes=report.notes)
+    fused = emit(
+        graph,
+        ctx.attribute,
+        ctx.attributes,
+        class_name=class_name,
+        notes=report.notes,
+        effects=ctx.effects,
+    )
     report.timings["emit"] = time.perf_counter() - start
 
     report.after = graph_stats(

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import traceback
 from collections.abc import Iterable, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import Graph, GraphModule, Proxy
+from torch.fx import Graph, GraphModule, Node, Proxy
 from torch.fx import Tracer as FxTracer
 from torch.fx.proxy import TraceError
 
@@ -30,6 +31,48 @@ from fxfuse.errors import CaptureError
 log = logging.getLogger("fxfuse")
 
 __all__ = ["Tracer", "export_capture", "symbolic_capture"]
+
+
+_IN_PLACE_DUNDERS = {
+    "__iadd__": operator.iadd,
+    "__isub__": operator.isub,
+    "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv,
+    "__ifloordiv__": operator.ifloordiv,
+    "__imod__": operator.imod,
+    "__ipow__": operator.ipow,
+    "__iand__": operator.iand,
+    "__ior__": operator.ior,
+    "__ixor__": operator.ixor,
+    "__ilshift__": operator.ilshift,
+    "__irshift__": operator.irshift,
+    "__imatmul__": operator.imatmul,
+}
+
+
+class InPlaceProxy(Proxy):
+    """A ``Proxy`` that records in-place operators as what they are.
+
+    ``torch.fx.Proxy`` defines no ``__iadd__``, so Python runs ``acc += y`` as ``acc = acc + y``
+    and the traced graph silently stops updating ``acc`` — a caller's tensor, or a view of
+    one (``y.narrow(…)``). Here ``acc += y`` is ``operator.iadd(acc, y)`` and ``x[i] = v`` is
+    ``operator.setitem(x, i, v)``, in place as in the model.
+    """
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
+def _in_place(op: Any) -> Any:
+    def method(self: Proxy, other: Any) -> Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    method.__name__ = f"__i{op.__name__.lstrip('i')}__"
+    return method
+
+
+for _dunder, _op in _IN_PLACE_DUNDERS.items():
+    setattr(InPlaceProxy, _dunder, _in_place(_op))
 
 
 class Tracer(FxTracer):
@@ -66,6 +109,9 @@ class Tracer(FxTracer):
             return super().trace(root, concrete_args)
         finally:
             self._names = {}
+
+    def proxy(self, node: Node) -> Proxy:
+        return InPlaceProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)

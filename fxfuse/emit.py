@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
 
-from fxfuse.ops import FusedLayer, fused_layer, mutates, pad_calls
+from fxfuse.effects import Effects
+from fxfuse.ops import FusedLayer, fused_layer, pad_calls
 
 __all__ = ["build_module", "emit"]
 
@@ -147,18 +148,26 @@ def _lower(graph: Graph, node: Node, paths: _Paths, owned: dict[str, Any]) -> No
     graph.erase_node(node)
 
 
-def _drop_dead_pure_nodes(graph: Graph) -> None:
+def _drop_dead_pure_nodes(graph: Graph, effects: Effects) -> None:
     """Erase unused attribute reads and pure function calls (``x.ndim`` nobody reads any more).
 
-    Unused module calls stay: a module may have side effects fxfuse cannot see.
+    Unused module calls stay: a module may have side effects fxfuse cannot see. A call that
+    writes something, draws random numbers (the generator's state is the caller's) or runs
+    unknown code stays too.
     """
     for node in reversed(list(graph.nodes)):
         if node.users or node.op not in ("get_attr", "call_function", "call_method"):
             continue
-        if mutates(node):
-            continue
-        if not node.is_impure():
+        if effects.pure(node):
             graph.erase_node(node)
+
+
+def _held(node: Node, resolve: Callable[[str], Any], created: dict[str, Any]) -> Tensor | None:
+    if node.op != "get_attr":
+        return None
+    target = str(node.target)
+    value = created[target] if target in created else resolve(target)
+    return value if isinstance(value, Tensor) else None
 
 
 def _copy(value: Any, memo: dict[int, Any], target: str, notes: list[str] | None) -> Any:
@@ -180,6 +189,7 @@ def emit(
     created: dict[str, Any],
     class_name: str,
     notes: list[str] | None = None,
+    effects: Effects | None = None,
 ) -> GraphModule:
     """The rewritten ``graph`` as a fresh, self-contained, eval-mode ``GraphModule``.
 
@@ -190,7 +200,9 @@ def emit(
     """
     # new call_module targets are checked against a graph's owning module; the result owns it
     graph.owning_module = None
-    _drop_dead_pure_nodes(graph)
+    if effects is None:
+        effects = Effects(graph, resolve, lambda n: _held(n, resolve, created))
+    _drop_dead_pure_nodes(graph, effects)
     targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
     owned: dict[str, Any] = {t: created[t] for t in targets if t in created}
     paths = _Paths(targets)

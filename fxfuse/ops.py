@@ -39,6 +39,7 @@ from torch.nn.modules.padding import (
     _ReplicationPadNd,
 )
 
+from fxfuse.effects import Effects, register_pure, value_users
 from fxfuse.kernels import Window
 
 __all__ = [
@@ -63,11 +64,8 @@ __all__ = [
     "fused_layer",
     "inherits_forward",
     "module_path_of",
-    "mutates",
     "pad_calls",
     "peel_padding",
-    "reads_metadata_only",
-    "value_users",
 ]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -81,6 +79,9 @@ class Constants(Protocol):
     def module(self, target: str) -> nn.Module: ...
 
     def shape(self, node: Node) -> torch.Size | None: ...
+
+    @property
+    def effects(self) -> Effects: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,6 +407,7 @@ class FusedLayer:
         return f"FusedLayer({self.kind} {shape} -> {self.name})"
 
 
+@register_pure
 def fused_layer(x: Tensor, layer: FusedLayer) -> Tensor:
     """Reference semantics of a :class:`FusedLayer` (used only before emission)."""
     weight = layer.weight.to(device=layer.device, dtype=layer.dtype)
@@ -1042,30 +1044,70 @@ _METHODS = {
     "mul": torch.mul,
     "div": torch.div,
     "neg": torch.neg,
+    # in place: ``a.add_(b)`` is ``a += b``
+    "add_": operator.iadd,
+    "sub_": operator.isub,
+    "mul_": operator.imul,
+    "div_": operator.itruediv,
 }
+_IN_PLACE = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    aten.add_.Tensor,
+    aten.add_.Scalar,
+    aten.sub_.Tensor,
+    aten.sub_.Scalar,
+    aten.mul_.Tensor,
+    aten.mul_.Scalar,
+    aten.div_.Tensor,
+    aten.div_.Scalar,
+}
+_ADD |= {aten.add_.Tensor, aten.add_.Scalar}
+_SUB |= {aten.sub_.Tensor, aten.sub_.Scalar}
+_MUL |= {aten.mul_.Tensor, aten.mul_.Scalar}
+_DIV |= {aten.div_.Tensor, aten.div_.Scalar}
 
 
 @dataclass
 class Combination:
-    """``root = Σ coefficient_i · term_i + Σ coefficient_j · constant_j``, flattened through
-    single-use nodes.
+    """``root = anchor + Σ coefficient_i · term_i + Σ coefficient_j · constant_j``, flattened
+    through single-use nodes.
 
     Coefficients are float64 tensors that broadcast against the terms (0-d for a scalar);
     a constant is a python number or a node holding a constant tensor. ``interior`` are the
     add/sub/mul nodes that disappear with the root.
+
+    ``anchor``: when the root is an in-place ``a += …`` (or ``a -= …``) whose ``a`` others can
+    see (a view of another tensor, a graph input, a value read again later), ``a`` must still
+    be updated in place: it is not a term, and a rewrite of the root must end in ``a += …``.
+    An in-place op on a value nobody else sees is just a sum.
     """
 
     root: Node
     terms: list[tuple[Tensor, Node]] = field(default_factory=list)
     constants: list[tuple[Tensor, Node | float]] = field(default_factory=list)
     interior: list[Node] = field(default_factory=list)
-    # dtypes of the constant tensors it scales or adds by (a float64 scale on a float32 value
-    # makes the result float64: a rule must not fold it away)
-    constant_dtypes: set[torch.dtype] = field(default_factory=set)
+    anchor: Node | None = None
+    # (dtype, rank) of the constant tensors it scales or adds by: a float64 scale on a float32
+    # value makes the result float64, unless the scale is 0-d (PyTorch's type promotion)
+    constant_dtypes: set[tuple[torch.dtype, int]] = field(default_factory=set)
 
     def promotes(self, dtype: torch.dtype) -> bool:
         """Whether a constant makes the sum's dtype differ from ``dtype``."""
-        return any(torch.promote_types(dtype, d) != dtype for d in self.constant_dtypes)
+        return bool(self.promoting(dtype))
+
+    def promoting(self, dtype: torch.dtype) -> list[torch.dtype]:
+        """The constants' dtypes that make a ``dtype`` sum another dtype (torch's rules: a 0-d
+        tensor of the same category does not promote a dimensioned one)."""
+        value = torch.empty((1,), dtype=dtype, device="meta")
+        wider = []
+        for d, rank in sorted(self.constant_dtypes, key=str):
+            other = torch.empty((1,) * max(rank, 0), dtype=d, device="meta")
+            if torch.result_type(value, other) != dtype:
+                wider.append(d)
+        return wider
 
 
 def _scalar(value: Any) -> Tensor | None:
@@ -1104,13 +1146,25 @@ def constant_value(arg: Any, consts: Constants) -> Tensor | None:
     return None
 
 
+def _linear_fn(node: Node) -> Any:
+    if node.op == "call_method":
+        return _METHODS.get(str(node.target))
+    if node.op == "call_function":
+        return node.target
+    return None
+
+
+def _in_place_target(node: Node) -> Node | None:
+    """The value an in-place ``a += b`` (``a.add_(b)``, ``a *= c`` …) updates, else ``None``."""
+    if _linear_fn(node) in _IN_PLACE and node.args and isinstance(node.args[0], Node):
+        return node.args[0]
+    return None
+
+
 def _linear_operands(node: Node, consts: Constants) -> list[tuple[Tensor, Any]] | None:
     """``node`` as ``Σ factor · operand`` if it is an add/sub/neg or a scale by a constant."""
-    if node.op == "call_method":
-        fn = _METHODS.get(str(node.target))
-    elif node.op == "call_function":
-        fn = node.target
-    else:
+    fn = _linear_fn(node)
+    if fn is None:
         return None
     one = _float64(1.0)
     kwargs = node.kwargs
@@ -1123,8 +1177,6 @@ def _linear_operands(node: Node, consts: Constants) -> list[tuple[Tensor, Any]] 
         if fn in _SUB:
             alpha = -alpha
         a, b = node.args
-        if fn in _IN_PLACE and (not isinstance(a, Node) or len(a.users) != 1):
-            return None  # in place on a value someone else reads
         return _operands([(one, a), (alpha, b)])
     if fn in _NEG:
         return _operands([(-one, node.args[0])]) if len(node.args) == 1 and not kwargs else None
@@ -1134,8 +1186,6 @@ def _linear_operands(node: Node, consts: Constants) -> list[tuple[Tensor, Any]] 
         if set(kwargs) - {"rounding_mode"}:
             return None
         a, b = node.args
-        if fn in _IN_PLACE and (not isinstance(a, Node) or len(a.users) != 1):
-            return None
         cb = constant_value(b, consts)
         if fn in _DIV:
             if cb is None or not isinstance(a, Node) or bool((cb == 0).any()):
@@ -1145,17 +1195,43 @@ def _linear_operands(node: Node, consts: Constants) -> list[tuple[Tensor, Any]] 
         if cb is not None and isinstance(a, Node) and ca is None and _per_channel_shape(cb):
             return [(cb, a)]
         if ca is not None and isinstance(b, Node) and cb is None and _per_channel_shape(ca):
+            if fn in _IN_PLACE:
+                return None  # ``c *= x`` updates the constant
             return [(ca, b)]
     return None
-
-
-_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 def _operands(pairs: list[tuple[Tensor, Any]]) -> list[tuple[Tensor, Any]] | None:
     """``pairs`` if every operand is a node or a number (``x - True`` is not a sum we read)."""
     ok = all(isinstance(op, Node) or _scalar(op) is not None for _, op in pairs)
     return pairs if ok else None
+
+
+def _combination_operands(
+    node: Node, consts: Constants, *, root: bool
+) -> tuple[list[tuple[Tensor, Any]], Node | None] | None:
+    """``node``'s operands as a linear op, and the anchor an in-place root must keep updating.
+
+    An in-place op on a value nobody else sees (:meth:`~fxfuse.effects.Effects.private`) is a
+    sum like any other; on a value others see, only the root of a combination may be one, and
+    only ``a += …``/``a -= …`` (whose ``a`` stays, updated in place, see :class:`Combination`).
+    """
+    operands = _linear_operands(node, consts)
+    if operands is None:
+        return None
+    target = _in_place_target(node)
+    if target is None or consts.effects.private(target, node):
+        return operands, None
+    if not root or _linear_fn(node) not in _ADD | _SUB:
+        return None
+    first, *rest = operands
+    if first[1] is not target or not _is_one(first[0]):
+        return None
+    return rest, target
+
+
+def _is_one(t: Tensor) -> bool:
+    return t.dim() == 0 and float(t) == 1.0
 
 
 def channel_vector(t: Tensor, channels: int, ndim: int) -> Tensor | None:
@@ -1179,8 +1255,8 @@ def _per_channel_shape(t: Tensor) -> bool:
 
 
 def _absorbs(user: Node, node: Node, consts: Constants) -> bool:
-    operands = _linear_operands(user, consts)
-    return operands is not None and any(op is node for _, op in operands)
+    found = _combination_operands(user, consts, root=False)
+    return found is not None and any(op is node for _, op in found[0])
 
 
 def as_combination(node: Node, consts: Constants) -> Combination | None:
@@ -1189,20 +1265,28 @@ def as_combination(node: Node, consts: Constants) -> Combination | None:
     A node inside a bigger combination (its only user absorbs it) is not a root: the
     combination is matched once, at its top.
     """
-    if _linear_operands(node, consts) is None:
+    found = _combination_operands(node, consts, root=True)
+    if found is None:
         return None
     users = value_users(node)
     if len(users) == 1 and _absorbs(users[0], node, consts):
         return None
-    combo = Combination(node)
-    _flatten(node, _float64(1.0), combo, consts, root=True)
+    operands, anchor = found
+    combo = Combination(node, anchor=anchor)
+    _flatten(node, _float64(1.0), combo, consts, operands)
     return combo
 
 
 def _flatten(
-    node: Node, coefficient: Tensor, combo: Combination, consts: Constants, *, root: bool = False
+    node: Node,
+    coefficient: Tensor,
+    combo: Combination,
+    consts: Constants,
+    operands: list[tuple[Tensor, Any]] | None = None,
 ) -> None:
-    operands = None if not root and len(value_users(node)) != 1 else _linear_operands(node, consts)
+    if operands is None and len(value_users(node)) == 1:
+        found = _combination_operands(node, consts, root=False)
+        operands = None if found is None else found[0]
     if operands is None:
         combo.terms.append((coefficient, node))
         return
@@ -1210,7 +1294,7 @@ def _flatten(
     for n in node.all_input_nodes:
         t = consts.tensor(n)
         if t is not None:
-            combo.constant_dtypes.add(t.dtype)
+            combo.constant_dtypes.add((t.dtype, t.dim()))
     for factor, operand in operands:
         c = coefficient * factor
         if constant_value(operand, consts) is not None:
@@ -1219,72 +1303,3 @@ def _flatten(
             _flatten(operand, c, combo, consts)
         else:
             raise TypeError(f"unexpected operand {operand!r} in {node.format_node()}")
-
-
-_IN_PLACE_OPERATORS = {
-    operator.setitem,
-    operator.iadd,
-    operator.isub,
-    operator.imul,
-    operator.itruediv,
-    operator.ifloordiv,
-    operator.imod,
-    operator.ipow,
-    operator.iand,
-    operator.ior,
-    operator.ixor,
-    operator.ilshift,
-    operator.irshift,
-}
-
-
-def mutates(node: Node, consts: Constants | None = None) -> bool:
-    """Whether running ``node`` may change one of its inputs in place.
-
-    ``torch.relu_``/``x.add_()`` (a trailing underscore), ``inplace=True``, ``out=``, aten ops
-    whose schema mutates, ``x += y``, and modules built with ``inplace=True`` (``nn.ReLU``).
-    fx's ``is_impure`` knows few of these, so fxfuse asks here before it erases, moves past or
-    folds anything.
-    """
-    if node.op not in ("call_function", "call_method", "call_module"):
-        return False
-    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
-        return True
-    if node.op == "call_module":
-        if consts is None:
-            return True  # cannot look: assume the worst
-        return getattr(consts.module(str(node.target)), "inplace", False) is True
-    target = node.target
-    name = str(target) if node.op == "call_method" else getattr(target, "__name__", "")
-    if name.endswith("_") and not name.endswith("__"):
-        return True
-    if target in _IN_PLACE_OPERATORS:
-        return True
-    schema = getattr(target, "_schema", None)
-    return bool(schema is not None and getattr(schema, "is_mutable", False))
-
-
-_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
-_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel"})
-_ATEN_METADATA = frozenset({aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int})
-
-
-def reads_metadata_only(user: Node, of: Node) -> bool:
-    """Whether ``user`` only asks ``of`` for its shape, rank, dtype or device.
-
-    Such a read (``x.shape``, ``x.ndim`` in a ``torch._assert``, ``x.size(1)``) does not need
-    the value: it can read the same facts from anything of the same shape and dtype.
-    """
-    if user.op == "call_function" and user.target is getattr:
-        return len(user.args) == 2 and user.args[0] is of and user.args[1] in _METADATA_ATTRIBUTES
-    if user.op == "call_function" and user.target in _ATEN_METADATA:
-        return bool(user.args) and user.args[0] is of and of not in user.args[1:]
-    if user.op == "call_method" and user.target in _METADATA_METHODS:
-        args = [*user.args[1:], *user.kwargs.values()]
-        return bool(user.args) and user.args[0] is of and of not in args
-    return False
-
-
-def value_users(node: Node) -> list[Node]:
-    """The users of ``node`` that read its values (not only its shape or dtype)."""
-    return [u for u in node.users if not reads_metadata_only(u, node)]

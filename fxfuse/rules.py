@@ -36,6 +36,7 @@ from torch.nn.modules.padding import (
     _ReplicationPadNd,
 )
 
+from fxfuse.effects import Effects, reads_metadata_only, value_users
 from fxfuse.errors import ConvergenceError
 from fxfuse.ops import (
     BatchNormView,
@@ -47,9 +48,6 @@ from fxfuse.ops import (
     as_combination,
     as_conv,
     fused_layer,
-    mutates,
-    reads_metadata_only,
-    value_users,
 )
 from fxfuse.report import Decline, Rewrite
 from fxfuse.validate import RewriteValidator
@@ -98,6 +96,9 @@ class Match:
     # the same for nodes whose shape a node of the replacement other than its root has (set
     # by the rewrite, which made that node): removed node -> new node of its shape
     redirects: dict[Node, Node] = field(default_factory=dict, kw_only=True)
+    # the rule vouches that the root, as matched, writes nothing even if its op could
+    # (``dropout(x, training=False, inplace=True)``): the driver need not keep a write
+    writes_nothing: bool = field(default=False, kw_only=True)
 
 
 MatchT = TypeVar("MatchT", bound=Match)
@@ -265,16 +266,10 @@ def _try_rule(rule: Rule[Any], node: Node, ctx: RewriteContext) -> bool:
             ctx._roll_back(attempt)  # the replacement needs the shape of a node it removes
             ctx._decline(rule, root, SHAPE_CYCLE)
             continue
-        mutation = ctx._mutation_within(root, [*created, new])
-        if mutation is not None:
+        conflict = ctx._effect_conflict(match, created, new)
+        if conflict is not None:
             ctx._roll_back(attempt)
-            ctx._decline(
-                rule,
-                root,
-                f"{mutation.name} changes a value in place between the "
-                "ops this would merge; moving them past it would change "
-                "what they read",
-            )
+            ctx._decline(rule, root, conflict)
             continue
         if ctx.validator is not None and not ctx.validator.check(rule, match, new, attempt):
             continue  # it differs from what it replaces on random inputs: rolled back, declined
@@ -323,7 +318,7 @@ class RewriteContext:
         self._declines: dict[tuple[str, Node], tuple[str, bool]] = {}
         self._declining_rules: set[str] = set()
         self._modules: dict[str, nn.Module] = dict(root.named_modules())
-        self._has_mutations = any(mutates(n, self) for n in graph.nodes)
+        self.effects = Effects(graph, self.module, self._held)
         self._queues: list[deque[Node]] = []
         self._queued: list[set[Node]] = []
         self.validator: RewriteValidator | None = (
@@ -333,17 +328,22 @@ class RewriteContext:
     # -- constants --------------------------------------------------------------------------
 
     def tensor(self, arg: Any) -> Tensor | None:
-        """The tensor ``arg`` always holds (an attribute or a bound input), else ``None``."""
+        """The tensor ``arg`` always holds (an attribute or a bound input), else ``None``:
+        never one the graph may change in place, through any alias (see :mod:`fxfuse.effects`).
+        """
         if not isinstance(arg, Node):
             return None
-        if arg.op == "get_attr":
-            value = self.attribute(str(arg.target))
-            value = value if isinstance(value, Tensor) else None
-        else:
-            value = self.bound.get(arg)
-        if value is not None and any(mutates(user, self) for user in arg.users):
-            return None  # the graph changes it in place: not a constant
+        value = self._held(arg)
+        if value is not None and self.effects.written(arg):
+            return None  # the graph (or code it calls) may change it: not a constant
         return value
+
+    def _held(self, node: Node) -> Tensor | None:
+        """The tensor an attribute or a bound input holds, constant or not."""
+        if node.op == "get_attr":
+            value = self.attribute(str(node.target))
+            return value if isinstance(value, Tensor) else None
+        return self.bound.get(node)
 
     def module(self, target: str) -> nn.Module:
         """The submodule a ``call_module`` target names."""
@@ -442,6 +442,7 @@ class RewriteContext:
             if key in old.meta and key not in new.meta:
                 new.meta[key] = old.meta[key]
         old.replace_all_uses_with(new)
+        self.effects.replaced(old, new)
         for reader, node, target in readers:
             reader.replace_input_with(node, target)
         for node in reversed(moved):
@@ -510,18 +511,37 @@ class RewriteContext:
                 stack.extend(node.all_input_nodes)
         return dying
 
-    def _mutation_within(self, root: Node, created: Sequence[Node]) -> Node | None:
-        """An in-place op between the first op a rewrite removes and its root, if any.
+    def _effect_conflict(self, match: Match, created: Sequence[Node], new: Node) -> str | None:
+        """Why replacing ``match.root`` by ``created`` would change an effect, or ``None``.
 
-        The replacement runs where the root was, so it would read its inputs after that op
-        changed them, where the ops it replaces read them before."""
-        if not self._has_mutations:
+        - The replacement runs where the root was: it reads its inputs there, where the ops it
+          replaces read them earlier. A write to one of those inputs (through any alias) in
+          between would change what it reads.
+        - A root that updates a value in place others can see must stay an update of that value
+          (some new node writes it), unless the rule vouches that, as matched, it writes
+          nothing (``Match.writes_nothing``: dropout in eval mode)."""
+        root = match.root
+        self.effects.added(created)
+        made = set(created)
+        reads = {i for n in created for i in n.all_input_nodes if i not in made}
+        if new not in made:
+            reads.add(new)  # the rewrite hands an existing value to the root's users
+        start = min(self.dying(root, [*created, new]))
+        writer = self.effects.first_write_between(start, root, reads, ignore=made)
+        if writer is not None:
+            return (
+                f"{writer.name} changes a value in place between the ops this would merge; "
+                "moving them past it would change what they read"
+            )
+        if match.writes_nothing:
             return None
-        node = min(self.dying(root, created))
-        while node is not root:
-            if mutates(node, self):
-                return node
-            node = node.next
+        kept = {t for n in made for t in self.effects.writes(n)}
+        for target in self.effects.writes(root):
+            if target not in kept and not self.effects.private(target, root):
+                return (
+                    f"{root.name} updates {target.name} in place, which other code can see; "
+                    "the rewrite would lose that update"
+                )
         return None
 
     def _erasable(self, node: Node) -> bool:
@@ -538,9 +558,7 @@ class RewriteContext:
             return isinstance(module, _ERASABLE_MODULES) or (
                 isinstance(module, _BatchNorm) and not module.training
             )
-        if mutates(node, self):
-            return False
-        return not node.is_impure()
+        return self.effects.pure(node)
 
     def _erase_dead(self, node: Node) -> None:
         """Erase ``node`` (a replaced root: a rule vouched for replacing it, even if torch

@@ -58,6 +58,12 @@ _DROPOUT_FUNCTIONS = {
 }
 
 
+def _dropout(node: Node, x: Node, training: bool, p: float) -> PassThrough:
+    # dropout that is off returns its input untouched, even with inplace=True
+    off = not training or p == 0
+    return PassThrough(node, input=x, training=training, p=p, writes_nothing=off)
+
+
 class DropDropout(Rule[PassThrough]):
     """``dropout(x) -> x`` where dropout is off: eval mode, or ``p = 0``."""
 
@@ -68,9 +74,7 @@ class DropDropout(Rule[PassThrough]):
         if node.op == "call_module" and len(node.args) == 1 and isinstance(node.args[0], Node):
             module = ctx.module(str(node.target))
             if isinstance(module, _DropoutNd) and inherits_forward(module):
-                yield PassThrough(
-                    node, input=node.args[0], training=module.training, p=float(module.p)
-                )
+                yield _dropout(node, node.args[0], module.training, float(module.p))
         elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
             args = bind_arguments(node.target, node)
             if args is None or not isinstance(args["input"], Node):
@@ -78,7 +82,7 @@ class DropDropout(Rule[PassThrough]):
             training = args.get("training", args.get("train", True))
             p = args.get("p", 0.5)
             if isinstance(training, bool) and isinstance(p, (int, float)):
-                yield PassThrough(node, input=args["input"], training=training, p=float(p))
+                yield _dropout(node, args["input"], training, float(p))
 
     def check(self, match: PassThrough, ctx: RewriteContext) -> str | None:
         if match.training and match.p > 0:

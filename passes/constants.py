@@ -11,8 +11,7 @@ rule folds into the conv. The op runs exactly as the model would run it (same dt
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import Tensor
 from torch.fx import Node
 from torch.fx.node import map_arg
 
-from fxfuse.ops import mutates
+from fxfuse.effects import run_pure
 from fxfuse.rules import Match, RewriteContext, Rule
 
 __all__ = ["FoldConstants"]
@@ -44,12 +43,13 @@ class FoldConstants(Rule[ConstantOp]):
     def matches(self, node: Node, ctx: RewriteContext) -> Iterator[ConstantOp]:
         if node.op not in ("call_function", "call_method") or not node.users:
             return
-        if node.target is getattr or not node.all_input_nodes or node.is_impure():
+        if node.target is getattr or not node.all_input_nodes:
             return  # (metadata reads stay)
-        if mutates(node, ctx) or _random(node):
-            return
-        if any(mutates(user, ctx) or user.op == "output" for user in node.users):
-            return  # changed in place later, or handed to the caller: it must stay fresh
+        effects = ctx.effects
+        if effects.writes(node) or effects.opaque(node) or effects.written(node):
+            return  # it writes, runs unknown code, or its result is changed in place later
+        if any(user.op == "output" for user in node.users):
+            return  # handed to the caller, who may change it: it must be fresh on every call
         values = {}
         for n in node.all_input_nodes:
             value = ctx.tensor(n)
@@ -58,9 +58,10 @@ class FoldConstants(Rule[ConstantOp]):
             values[n] = value
         # Whether an op of constants gives one tensor of sensible size is part of what it
         # *is*, so the pattern evaluates it (there is no condition left to check).
+        # (run_pure refuses random ops and writes, asking the operators themselves)
         try:
-            result = _run(
-                node,
+            result = run_pure(
+                _callable(node),
                 map_arg(node.args, values.__getitem__),
                 map_arg(node.kwargs, values.__getitem__),
             )
@@ -78,25 +79,9 @@ class FoldConstants(Rule[ConstantOp]):
         return f"{getattr(target, '__name__', target)}(constants) -> constant"
 
 
-# Ops that draw random numbers or leave memory uninitialized: fx's is_impure knows only some.
-_RANDOM = re.compile(
-    r"rand|bernoulli|normal|multinomial|poisson|dropout|rrelu|empty|uniform|"
-    r"exponential|geometric|cauchy|random"
-)
-
-
-def _random(node: Node) -> bool:
-    name = (
-        str(node.target)
-        if node.op == "call_method"
-        else getattr(node.target, "__name__", str(node.target))
-    )
-    return bool(_RANDOM.search(name))
-
-
-def _run(node: Node, args: Any, kwargs: Any) -> Any:
+def _callable(node: Node) -> Callable[..., Any]:
     if node.op == "call_method":
-        self_arg, *rest = args
-        return getattr(self_arg, str(node.target))(*rest, **kwargs)
+        name = str(node.target)
+        return lambda self_arg, *rest, **kwargs: getattr(self_arg, name)(*rest, **kwargs)
     assert callable(node.target)
-    return node.target(*args, **kwargs)
+    return node.target

@@ -47,9 +47,7 @@ LINEAR_RANK_UNKNOWN = (
 
 
 def promotion_reason(combination: Combination, dtype: torch.dtype) -> str:
-    wider = sorted(
-        str(d) for d in combination.constant_dtypes if torch.promote_types(dtype, d) != dtype
-    )
+    wider = [str(d) for d in combination.promoting(dtype)]
     return (
         f"a {', '.join(wider)} constant makes the {dtype} result {wider[0]}; a fused "
         f"layer would keep {dtype}"
@@ -187,6 +185,12 @@ class DistributeBatchNorm(Rule[BatchNormOfSum]):
         bn = match.bn
         if bn.uses_batch_stats:
             return uses_batch_stats_reason(bn)
+        anchor = match.combination.anchor
+        if anchor is not None:
+            return (
+                f"the sum before it updates {anchor.name} in place, which other code sees; "
+                "the batch norm cannot move into it"
+            )
         first = next(layer for layer in match.layers if layer is not None)
         for (coefficient, term), layer in zip(match.combination.terms, match.layers, strict=True):
             if layer is None or len(value_users(term)) != 1:

@@ -298,6 +298,9 @@ class MergeBranches(Rule[BranchGroup]):
         total = merged
         for c, operand in group.rest:
             total = _add_scaled(ctx, total, c, operand, first)
+        anchor = group.combination.anchor
+        if anchor is not None:  # ``a += …`` whose ``a`` others see: still updated in place
+            total = ctx.call(operator.iadd, anchor, total)
         return total
 
     def describe(self, group: BranchGroup) -> str:
