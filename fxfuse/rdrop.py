@@ -189,6 +189,12 @@ class RDrop(nn.Module):
             graph, constants = _capture(self.model, self._leaf_modules, self._concrete_args)
             body = _graph_module(self.model, constants, graph, type(self.model).__name__)
             found = self._captures[modes] = _Capture(graph, constants, body)
+            log.info(
+                "fxfuse.rdrop: captured %s (%d nodes; %s)",
+                type(self.model).__name__,
+                len(graph.nodes),
+                "training mode" if self.model.training else "eval mode",
+            )
         return found
 
     def _plan(self, args: tuple[Any, ...], kwargs: dict[str, Any], stacklevel: int) -> _Plan:
@@ -210,6 +216,13 @@ class RDrop(nn.Module):
         _check_batch_sizes(inputs, name)
         with _disable_current_modes():  # a counter or profiler the caller runs sees no check
             audit = audit_batch(capture.body, inputs, model_name=name, describe=describe_node)
+        log.info(
+            "fxfuse.rdrop: %s keeps its samples apart along dim 0 (%d aten ops followed); "
+            "output leaves holding the batch: %s",
+            name,
+            audit.ops,
+            audit.outputs,
+        )
         if audit.batch_norms_after_random:
             warnings.warn(
                 "fxfuse.rdrop: training-mode batch norm after a dropout ("
