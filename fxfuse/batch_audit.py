@@ -47,6 +47,22 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fxfuse.batch_ops import (
+    CARRY_POSITIONS,
+    RANDOM,
+    SIZE_ARGUMENTS,
+    Batch,
+    Call,
+    Info,
+    Kind,
+    Op,
+    TensorArg,
+    kind_of,
+    mixing,
+    op_name,
+    shape_text,
+    tensors_in,
+)
 from fxfuse.errors import FxFuseError
 
 __all__ = ["Batch", "BatchAudit", "BatchError", "audit_batch"]
@@ -62,25 +78,6 @@ SIZES = (2, 3)
 
 class BatchError(FxFuseError, ValueError):
     """Doubling the batch along dim 0 would compute something other than the model, twice."""
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Where a tensor holds the batch: dim ``dim`` has ``outer · batch · inner`` elements,
-    sample ``i`` occupying the ``inner`` consecutive ones at ``i · inner`` in each outer block.
-    A dim that *is* the batch has ``outer == inner == 1``."""
-
-    dim: int
-    outer: int = 1
-    inner: int = 1
-
-    @property
-    def merged(self) -> bool:
-        return self.outer != 1 or self.inner != 1
-
-    @property
-    def per_sample(self) -> int:
-        return self.outer * self.inner
 
 
 @dataclass
@@ -105,25 +102,6 @@ class BatchAudit:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _T:
-    """A tensor as one run saw it: a handle (the same in both runs) and its shape."""
-
-    handle: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...] = ()
-
-
-@dataclass
-class _Call:
-    func: torch._ops.OpOverload
-    node: Node | None
-    args: dict[str, Any]  # schema name -> value; tensors as _T, lists of them as lists
-    outs: list[Any]  # the returns, flattened; tensors as _T
-    written: list[int]  # handles the op writes in place
-    views: dict[int, int]  # output handle -> the argument handle it is a view of
-
-
 class _Recorder(TorchDispatchMode):
     """Records each aten op (not ``prim``'s metadata queries) with the fx node that ran it."""
 
@@ -133,7 +111,7 @@ class _Recorder(TorchDispatchMode):
         self.keep: list[Any] = []  # every tensor seen stays alive, so no id is reused
         self.values: dict[int, tuple[Any, ...]] = {}  # small real constants' values
         self.state_names: dict[int, str] = {}
-        self.calls: list[_Call] = []
+        self.calls: list[Call] = []
         self.node: Node | None = None
         self._state = state
         for t in inputs:
@@ -153,7 +131,7 @@ class _Recorder(TorchDispatchMode):
 
     def _value(self, v: Any) -> Any:
         if isinstance(v, Tensor):
-            return _T(self._handle(v), tuple(v.shape), tuple(v.stride()))
+            return TensorArg(self._handle(v), tuple(v.shape), tuple(v.stride()))
         if isinstance(v, (list, tuple)) and any(isinstance(x, Tensor) for x in v):
             return [self._value(x) for x in v]
         return v
@@ -177,7 +155,7 @@ class _Recorder(TorchDispatchMode):
             else:
                 v = None
             bound[a.name] = self._value(v)
-            handles = [t.handle for t in _tensors(bound[a.name])]
+            handles = [t.handle for t in tensors_in(bound[a.name])]
             if a.alias_info is not None:
                 for alias in a.alias_info.before_set:
                     sets.setdefault(alias, []).extend(handles)
@@ -187,21 +165,13 @@ class _Recorder(TorchDispatchMode):
         outs = [self._value(r) for r in returns]
         views: dict[int, int] = {}
         for r, o in zip(schema.returns, outs, strict=False):
-            if r.alias_info is not None and isinstance(o, _T):
+            if r.alias_info is not None and isinstance(o, TensorArg):
                 for alias in r.alias_info.before_set:
                     for h in sets.get(alias, []):
                         if h != o.handle:
                             views[o.handle] = h
-        self.calls.append(_Call(func, self.node, bound, outs, written, views))
+        self.calls.append(Call(func, self.node, bound, outs, written, views))
         return out
-
-
-def _tensors(value: Any) -> list[_T]:
-    if isinstance(value, _T):
-        return [value]
-    if isinstance(value, list):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 class _NodeInterpreter(Interpreter):
@@ -311,424 +281,6 @@ class _Refusal(Exception):
     """An op's check failed: the reason, to be completed with where it ran."""
 
 
-@dataclass
-class _Info:
-    """What the check knows of one tensor."""
-
-    batch: Batch | None = None
-    random: bool = False  # depends on a random draw
-    iota: bool = False  # holds each sample's position (torch.arange over the batch)
-    state: str | None = None  # the parameter or buffer it is, or a view of
-    input: int | None = None  # the input leaf it is, or a view of
-
-
-@dataclass
-class _Op:
-    """One op as both runs saw it, with what is known of the tensors it reads."""
-
-    call: _Call
-    other: _Call
-    info_of: Callable[[int], _Info]
-
-    def arg(self, name: str, default: Any = None) -> Any:
-        return self.call.args.get(name, default)
-
-    def tensors(self, name: str) -> list[_T]:
-        return _tensors(self.call.args.get(name))
-
-    def ndim(self, name: str) -> int:
-        ts = self.tensors(name)
-        return len(ts[0].shape) if ts else 0
-
-
-Acting = dict[str, set[int]]  # argument name -> the dims of that tensor the op works along
-
-
-@dataclass(frozen=True)
-class _Kind:
-    """How an op treats dims: ``acting`` gives the dims of each tensor argument it works
-    along (mixing the elements at different positions); every other dim maps one to one onto
-    its result. ``statistics``: results without the batch are statistics of it (batch norm's
-    means and variances). ``value_free``: reads only its arguments' shapes, dtypes and
-    devices. ``reshape``: moves elements in row-major order. ``random``: may draw random
-    numbers, element by element. ``results``: only the first ``results`` returns are results
-    (attention's other returns are random-number-generator state)."""
-
-    acting: Callable[[_Op], Acting]
-    statistics: bool = False
-    value_free: bool = False
-    reshape: bool = False
-    random: bool = False
-    results: int | None = None
-
-
-def _op_name(func: Any) -> str:
-    return f"{func.namespace}.{func.overloadpacket.__name__}"
-
-
-def _norm(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
-
-
-def _dims(value: Any, ndim: int, *, empty_is_all: bool = True) -> set[int]:
-    """A ``dim``-style argument (an int, a list; ``None`` or ``[]`` for all) as a set."""
-    if value is None or (isinstance(value, (list, tuple)) and not value and empty_is_all):
-        return set(range(ndim))
-    if isinstance(value, int):
-        return {_norm(value, max(ndim, 1))}
-    return {_norm(int(v), max(ndim, 1)) for v in value}
-
-
-def _nothing(op: _Op) -> Acting:
-    return {}
-
-
-def _along(*names: str, arg: str = "dim", default: Any = None) -> Callable[[_Op], Acting]:
-    """Works along its ``dim`` argument (a reduction, scan, softmax, sort, gather)."""
-
-    def acting(op: _Op) -> Acting:
-        value = op.call.args.get(arg, default)
-        return {name: _dims(value, op.ndim(name)) for name in names if op.tensors(name)}
-
-    return acting
-
-
-def _all_dims(*names: str) -> Callable[[_Op], Acting]:
-    def acting(op: _Op) -> Acting:
-        return {name: set(range(op.ndim(name))) for name in names}
-
-    return acting
-
-
-def _last(name: str, *dims: int) -> Callable[[_Op], Acting]:
-    """Works along fixed dims counted from the end (contracted dims of a matrix product,
-    the dims a pooling, upsampling or layer norm works on)."""
-
-    def acting(op: _Op) -> Acting:
-        ndim = op.ndim(name)
-        return {name: {d + ndim for d in dims if d + ndim >= 0}} if op.tensors(name) else {}
-
-    return acting
-
-
-def _trailing(k: int, *names: str) -> Callable[[_Op], Acting]:
-    return _merge(*(_last(name, *range(-k, 0)) for name in names))
-
-
-def _merge(*parts: Callable[[_Op], Acting]) -> Callable[[_Op], Acting]:
-    def acting(op: _Op) -> Acting:
-        out: Acting = {}
-        for part in parts:
-            for name, dims in part(op).items():
-                out.setdefault(name, set()).update(dims)
-        return out
-
-    return acting
-
-
-def _all_but_first(name: str, *whole: str) -> Callable[[_Op], Acting]:
-    """Treats dim 0 as its batch and mixes the rest (group norm, pixel shuffle)."""
-
-    def acting(op: _Op) -> Acting:
-        out = {name: set(range(1, op.ndim(name)))}
-        out.update({w: set(range(op.ndim(w))) for w in whole})
-        return out
-
-    return acting
-
-
-def _convolution(op: _Op) -> Acting:
-    weight, ndim = op.ndim("weight"), op.ndim("input")
-    batched = ndim == weight  # an unbatched input convolves over all its dims
-    return {
-        "input": set(range(1 if batched else 0, ndim)),
-        "weight": set(range(weight)),
-        "bias": {0},
-    }
-
-
-def _layer_norm(op: _Op) -> Acting:
-    k, ndim = len(op.arg("normalized_shape") or ()), op.ndim("input")
-    return {"input": set(range(ndim - k, ndim)), "weight": set(range(k)), "bias": set(range(k))}
-
-
-def _batch_norm(op: _Op) -> Acting:
-    no_training = "no_training" in op.call.func.overloadpacket.__name__
-    if no_training or not op.arg("training", True):
-        return {}  # running statistics: a per-channel affine map
-    return {"input": {d for d in range(op.ndim("input")) if d != 1}}
-
-
-def _slice(op: _Op) -> Acting:
-    dim = _norm(op.arg("dim", 0), op.ndim("self"))
-    for call in (op.call, op.other):
-        size = _tensors(call.args["self"])[0].shape[dim]
-        start, end, step = call.args.get("start"), call.args.get("end"), call.args.get("step", 1)
-        if start not in (None, 0) or (end is not None and end < size) or step != 1:
-            return {"self": {dim}}
-    return {}  # x[:] along it: the identity
-
-
-def _pieces(op: _Op) -> Acting:
-    """split, unbind: along their dim, unless the whole tensor is the one piece."""
-    pieces = [o for o in op.call.outs if isinstance(o, _T)]
-    return {} if len(pieces) == 1 else {"self": {_norm(op.arg("dim", 0), op.ndim("self"))}}
-
-
-def _cat(op: _Op) -> Acting:
-    ndim = max((len(t.shape) for t in op.tensors("tensors")), default=1)
-    return {"tensors": {_norm(op.arg("dim", 0), ndim)}}
-
-
-def _repeat(op: _Op) -> Acting:
-    repeats, ndim = list(op.arg("repeats")), op.ndim("self")
-    offset = len(repeats) - ndim
-    return {"self": {d for d in range(ndim) if repeats[d + offset] != 1}}
-
-
-def _pad(op: _Op) -> Acting:
-    pad, ndim = list(op.arg("pad")), op.ndim("self")
-    return {"self": {ndim - 1 - i // 2 for i in range(0, len(pad), 2) if pad[i] or pad[i + 1]}}
-
-
-def _unfold(op: _Op) -> Acting:
-    if op.arg("size") == 1 and op.arg("step") == 1:
-        return {}
-    return {"self": {_norm(op.arg("dimension"), op.ndim("self"))}}
-
-
-def _diagonal(op: _Op) -> Acting:
-    ndim = op.ndim("self")
-    return {"self": {_norm(op.arg("dim1", 0), ndim), _norm(op.arg("dim2", 1), ndim)}}
-
-
-def _renorm(op: _Op) -> Acting:
-    ndim = op.ndim("self")
-    dim = _norm(op.arg("dim"), ndim)
-    return {"self": {d for d in range(ndim) if d != dim}}
-
-
-def _index(op: _Op) -> Acting:
-    """``x[i, j]`` works along every indexed dim, except the dim holding the batch when it is
-    indexed by ``torch.arange(batch)``: each sample then picks from itself
-    (``x[torch.arange(b), labels]``)."""
-    selves = op.tensors("self")
-    batch = op.info_of(selves[0].handle).batch if selves else None
-    dims = set()
-    for d, index in enumerate(op.arg("indices") or []):
-        if not isinstance(index, _T):
-            continue
-        by_position = op.info_of(index.handle).iota
-        if not (by_position and batch is not None and batch.dim == d and not batch.merged):
-            dims.add(d)
-    return {"self": dims}
-
-
-def _as_strided(op: _Op) -> Acting:
-    """A view with explicit strides: the identity where it keeps the sizes and the strides of
-    every dim longer than 1 (a result's layout set after the fact: ``adaptive_avg_pool2d``
-    of a channels-last tensor); anything else may reorder elements across every dim."""
-    t = op.tensors("self")[0]
-    size, stride = list(op.arg("size")), list(op.arg("stride"))
-    same = list(t.shape) == size and all(
-        n == 1 or a == b for n, a, b in zip(size, t.stride, stride, strict=True)
-    )
-    return {} if same and op.arg("storage_offset") in (None, 0) else {"self": set(range(len(size)))}
-
-
-def _nll_loss(op: _Op) -> Acting:
-    if op.arg("reduction", 1) == 0:  # per-sample losses
-        return {"self": {1} if op.ndim("self") > 1 else {0}}
-    return _all_dims("self", "target")(op)
-
-
-def _attention(op: _Op) -> Acting:
-    return _merge(
-        _last("query", -1),
-        _last("key", -2, -1),
-        _last("value", -2, -1),
-        _last("attn_mask", -1),
-        _last("attn_bias", -1),
-    )(op)
-
-
-#: Integer arguments that size a result. The batch size may be one of them (a view to
-#: ``(b, -1)``, ``new_empty((b, 1, 1))``); any other argument that changes with the batch size
-#: uses it as a number, or a position.
-_SIZE_ARGUMENTS = frozenset(
-    {
-        "size",
-        "sizes",
-        "shape",
-        "stride",
-        "split_size",
-        "split_sizes",
-        "repeats",
-        "pad",
-        "end",
-        "length",
-        "output_size",
-        "N",
-        "C",
-        "HxW",
-    }
-)
-
-
-def _table() -> dict[Any, _Kind]:
-    """Every aten op the check knows, by overload packet (pointwise-tagged overloads aside:
-    they work along no dim)."""
-    table: dict[Any, _Kind] = {}
-
-    def add(names: str, kind: _Kind) -> None:
-        for name in names.split():
-            packet = getattr(aten, name, None)
-            if packet is not None:
-                table[packet] = kind
-
-    # moves, copies and element-wise ops without the pointwise tag
-    add(
-        "alias detach detach_ clone _to_copy lift_fresh lift_fresh_copy copy copy_ permute "
-        "transpose transpose_ t t_ squeeze squeeze_ unsqueeze unsqueeze_ expand expand_copy "
-        "stack fill_ zero_ resolve_conj resolve_neg hardswish hardswish_ hardsigmoid "
-        "hardsigmoid_ log_sigmoid_forward _prelu_kernel hardshrink softshrink",
-        _Kind(_nothing),
-    )
-    add("view _unsafe_view reshape _reshape_alias view_copy", _Kind(_nothing, reshape=True))
-    add("select", _Kind(_along("self", default=0)))
-    add("slice", _Kind(_slice))
-    add("split split_with_sizes unbind", _Kind(_pieces))
-    add("cat", _Kind(_cat))
-    add("repeat", _Kind(_repeat))
-    add("constant_pad_nd", _Kind(_pad))
-    add("unfold", _Kind(_unfold))
-    add("diagonal", _Kind(_diagonal))
-    add("as_strided as_strided_", _Kind(_as_strided))
-    add(
-        "view_as_real view_as_complex masked_select take nonzero tensor_split",
-        _Kind(_all_dims("self")),
-    )
-    add("flip roll", _Kind(_along("self", arg="dims")))
-    add("renorm", _Kind(_renorm))
-    add("triu tril", _Kind(_last("self", -2, -1)))
-    # along a dim: scans, normalisations, sorts, reductions, gathers and scatters
-    add(
-        "_softmax _log_softmax _safe_softmax cumsum cumsum_ cumprod cummax cummin logcumsumexp "
-        "glu sort argsort topk kthvalue mode",
-        _Kind(_along("self", default=-1)),
-    )
-    add(
-        "sum mean amax amin max min argmax argmin prod var std var_mean std_mean logsumexp norm "
-        "linalg_vector_norm any all nansum nanmean count_nonzero median nanmedian aminmax",
-        _Kind(_along("self")),
-    )
-    add(
-        "gather index_select scatter scatter_ scatter_add scatter_add_ scatter_reduce "
-        "scatter_reduce_ index_add index_add_ index_copy index_copy_ index_fill index_fill_",
-        _Kind(_merge(_along("self", "src", "source"), _all_dims("index"))),
-    )
-    add(
-        "index _unsafe_index index_put index_put_ _index_put_impl_ _unsafe_index_put", _Kind(_index)
-    )
-    add("embedding", _Kind(_all_dims("weight")))
-    add("bucketize searchsorted", _Kind(_all_dims("boundaries", "sorted_sequence")))
-    add("nll_loss_forward nll_loss2d_forward", _Kind(_nll_loss))
-    # matrix products: along the contracted dims
-    add("mm bmm", _Kind(_merge(_last("self", -1), _last("mat2", -2))))
-    add("addmm addmm_", _Kind(_merge(_last("mat1", -1), _last("mat2", -2))))
-    add("baddbmm baddbmm_", _Kind(_merge(_last("batch1", -1), _last("batch2", -2))))
-    add("addbmm", _Kind(_merge(_last("batch1", -3, -1), _last("batch2", -3, -2))))
-    add("mv addmv", _Kind(_merge(_last("self", -1), _last("mat", -1), _all_dims("vec"))))
-    add("dot vdot", _Kind(_all_dims("self", "tensor")))
-    add("_cdist_forward", _Kind(_merge(_last("x1", -1), _last("x2", -2, -1))))
-    add(
-        "_scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_flash_attention "
-        "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention "
-        "_scaled_dot_product_fused_attention_overrideable",
-        _Kind(_attention, random=True, results=1),
-    )
-    # convolution, pooling, resampling and normalisation
-    add(
-        "convolution _convolution convolution_overrideable cudnn_convolution "
-        "cudnn_convolution_transpose mkldnn_convolution miopen_convolution",
-        _Kind(_convolution),
-    )
-    for k in (1, 2, 3):
-        add(
-            f"max_pool{k}d_with_indices max_pool{k}d avg_pool{k}d adaptive_avg_pool{k}d "
-            f"_adaptive_avg_pool{k}d adaptive_max_pool{k}d upsample_nearest{k}d "
-            f"_upsample_nearest_exact{k}d reflection_pad{k}d replication_pad{k}d "
-            f"mkldnn_max_pool{k}d max_unpool{k}d",
-            _Kind(_trailing(k, "self", "input")),
-        )
-        add(f"fractional_max_pool{k}d", _Kind(_trailing(k, "self"), random=True))
-    add("upsample_linear1d", _Kind(_trailing(1, "self", "input")))
-    add(
-        "upsample_bilinear2d upsample_bicubic2d _upsample_bilinear2d_aa _upsample_bicubic2d_aa",
-        _Kind(_trailing(2, "self", "input")),
-    )
-    add("upsample_trilinear3d", _Kind(_trailing(3, "self", "input")))
-    add(
-        "grid_sampler_2d cudnn_grid_sampler",
-        _Kind(_merge(_trailing(2, "input", "self"), _last("grid", -1))),
-    )
-    add("grid_sampler_3d", _Kind(_merge(_trailing(3, "input"), _last("grid", -1))))
-    add(
-        "im2col col2im pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle",
-        _Kind(_all_but_first("self")),
-    )
-    add("native_group_norm", _Kind(_all_but_first("input", "weight", "bias")))
-    add("native_layer_norm _fused_rms_norm", _Kind(_layer_norm))
-    add(
-        "native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_functional "
-        "_native_batch_norm_legit_no_training cudnn_batch_norm miopen_batch_norm",
-        _Kind(_batch_norm, statistics=True),
-    )
-    # reading only shapes, dtypes and devices
-    add(
-        "new_empty new_empty_strided new_zeros new_ones new_full empty_like zeros_like "
-        "ones_like full_like sym_size sym_stride sym_numel sym_storage_offset is_same_size",
-        _Kind(_nothing, value_free=True),
-    )
-    add("rand_like randn_like randint_like", _Kind(_nothing, value_free=True, random=True))
-    # random draws, element by element (multinomial: row by row)
-    add(
-        "bernoulli bernoulli_ native_dropout normal normal_ uniform_ exponential_ geometric_ "
-        "cauchy_ log_normal_ random_ poisson binomial _standard_gamma rrelu_with_noise "
-        "rrelu_with_noise_ _fused_dropout rand randn randint",
-        _Kind(_nothing, random=True),
-    )
-    add("multinomial _sample_dirichlet", _Kind(_last("self", -1), random=True))
-    return table
-
-
-_TABLE = _table()
-_POINTWISE = _Kind(_nothing)
-_RANDOM = torch.Tag.nondeterministic_seeded
-#: Ops that move ``torch.arange(batch)`` about without computing with it.
-_CARRY_POSITIONS = frozenset(
-    getattr(aten, name)
-    for name in (
-        "unsqueeze",
-        "view",
-        "_unsafe_view",
-        "expand",
-        "_to_copy",
-        "clone",
-        "alias",
-        "detach",
-        "lift_fresh",
-        "slice",
-    )
-)
-
-
-def _kind(func: Any) -> _Kind | None:
-    if torch.Tag.pointwise in func.tags:  # (max.other beside the reduction max.dim)
-        return _POINTWISE
-    return _TABLE.get(func.overloadpacket)
-
-
 # --------------------------------------------------------------------------------------------
 # Following the batch through the two records
 # --------------------------------------------------------------------------------------------
@@ -737,12 +289,12 @@ def _kind(func: Any) -> _Kind | None:
 @dataclass
 class _Follower:
     runs: tuple[_Run, _Run]
-    infos: dict[int, _Info] = field(default_factory=dict)
+    infos: dict[int, Info] = field(default_factory=dict)
     producers: dict[int, Node | None] = field(default_factory=dict)
     mutated: set[int] = field(default_factory=set)
     batch_norms_after_random: list[Node | None] = field(default_factory=list)
 
-    def info(self, handle: int) -> _Info:
+    def info(self, handle: int) -> Info:
         found = self.infos.get(handle)
         if found is None:  # first seen as an argument: a parameter, buffer or constant
             v1 = self.runs[0].recorder.values.get(handle)
@@ -752,26 +304,26 @@ class _Follower:
                     f"a tensor made from the batch size ({v1} at batch {SIZES[0]}, {v2} at "
                     f"batch {SIZES[1]}) is computed with; doubling the batch would change it"
                 )
-            found = _Info(state=self.runs[0].recorder.state_names.get(handle))
+            found = Info(state=self.runs[0].recorder.state_names.get(handle))
             self.infos[handle] = found
         return found
 
     def step(self, k: int) -> None:
         """Check op ``k`` and record where its results hold the batch."""
         c1, c2 = self.runs[0].recorder.calls[k], self.runs[1].recorder.calls[k]
-        name = _op_name(c1.func)
+        name = op_name(c1.func)
         if c1.func != c2.func or c1.node is not c2.node or len(c1.outs) != len(c2.outs):
             raise _Refusal(
                 f"the ops it runs depend on the batch size ({name} at batch {SIZES[0]}, "
-                f"{_op_name(c2.func)} at batch {SIZES[1]})"
+                f"{op_name(c2.func)} at batch {SIZES[1]})"
             )
-        kind = _kind(c1.func)
-        op = _Op(c1, c2, self.info)
+        kind = kind_of(c1.func)
+        op = Op(c1, c2, self.info)
         _check_values(c1, c2, name)
-        reads = [(arg, t, self.info(t.handle)) for arg, v in c1.args.items() for t in _tensors(v)]
+        reads = [(arg, t, self.info(t.handle)) for arg, v in c1.args.items() for t in tensors_in(v)]
         batched = [(arg, t, i.batch) for arg, t, i in reads if i.batch is not None]
         random_in = any(i.random for _, _, i in reads)
-        draws = _RANDOM in c1.func.tags or (op.arg("dropout_p") or 0) > 0
+        draws = RANDOM in c1.func.tags or (op.arg("dropout_p") or 0) > 0
         if draws and (kind is None or not kind.random):
             raise _Refusal(
                 f"{name} draws random numbers in a way rdrop cannot split per sample, so it "
@@ -781,7 +333,7 @@ class _Follower:
             _, t, batch = batched[0]
             raise _Refusal(
                 f"{name} reads a tensor that holds the batch (dim {batch.dim} of "
-                f"{_shape(t.shape)}), and rdrop does not know whether it keeps samples apart"
+                f"{shape_text(t.shape)}), and rdrop does not know whether it keeps samples apart"
             )
         carries_positions = self._positions(op, reads, name)
         if batched:
@@ -789,9 +341,9 @@ class _Follower:
             self._check_acting(op, kind, batched, name, random_in)
         self._check_writes(c1, kind, batched, name)
         for index, (o1, o2) in enumerate(zip(c1.outs, c2.outs, strict=True)):
-            if not isinstance(o1, _T):
+            if not isinstance(o1, TensorArg):
                 continue
-            info = _Info(random=random_in or draws, iota=carries_positions)
+            info = Info(random=random_in or draws, iota=carries_positions)
             old = self.infos.get(o1.handle)
             if old is not None and o1.handle in c1.written:  # in place: the same tensor
                 info.state, info.input = old.state, old.input
@@ -806,7 +358,7 @@ class _Follower:
             self.infos[o1.handle] = info
             self.producers[o1.handle] = c1.node
 
-    def _positions(self, op: _Op, reads: list[tuple[str, _T, _Info]], name: str) -> bool:
+    def _positions(self, op: Op, reads: list[tuple[str, TensorArg, Info]], name: str) -> bool:
         """Whether the op's results hold sample positions (``torch.arange(batch)``)."""
         carries = False
         for arg, _, info in reads:
@@ -814,7 +366,7 @@ class _Follower:
                 continue
             if op.call.func.overloadpacket in (aten.index, aten._unsafe_index) and arg == "indices":
                 continue  # _index decides whether it indexes the batch by position
-            if op.call.func.overloadpacket in _CARRY_POSITIONS:
+            if op.call.func.overloadpacket in CARRY_POSITIONS:
                 carries = True
                 continue
             raise _Refusal(
@@ -825,9 +377,9 @@ class _Follower:
 
     def _check_acting(
         self,
-        op: _Op,
-        kind: _Kind,
-        batched: list[tuple[str, _T, Batch]],
+        op: Op,
+        kind: Kind,
+        batched: list[tuple[str, TensorArg, Batch]],
         name: str,
         random_in: bool,
     ) -> None:
@@ -840,9 +392,9 @@ class _Follower:
                 if random_in:
                     self.batch_norms_after_random.append(op.call.node)
                 continue
-            raise _Refusal(_mixing(name, op.call, arg, t, batch))
+            raise _Refusal(mixing(name, op.call, arg, t, batch))
 
-    def _check_writes(self, call: _Call, kind: _Kind | None, batched: list[Any], name: str) -> None:
+    def _check_writes(self, call: Call, kind: Kind | None, batched: list[Any], name: str) -> None:
         for handle in call.written:
             target = self.info(handle)
             if target.state is not None and batched and not (kind is not None and kind.statistics):
@@ -855,27 +407,27 @@ class _Follower:
 
     def _result_batch(
         self,
-        op: _Op,
-        kind: _Kind | None,
-        batched: list[tuple[str, _T, Batch]],
-        reads: list[tuple[str, _T, _Info]],
-        o1: _T,
-        o2: _T,
+        op: Op,
+        kind: Kind | None,
+        batched: list[tuple[str, TensorArg, Batch]],
+        reads: list[tuple[str, TensorArg, Info]],
+        o1: TensorArg,
+        o2: TensorArg,
         name: str,
-        info: _Info,
+        info: Info,
     ) -> Batch | None:
         """Where a result holds the batch (``None``: it does not)."""
         if kind is not None and kind.reshape and batched:
             arg, t, batch = batched[0]
-            other = _tensors(op.other.args[arg])[0]
+            other = tensors_in(op.other.args[arg])[0]
             got = (
                 _reshaped(batch, t.shape, o1.shape, SIZES[0]),
                 _reshaped(batch, other.shape, o2.shape, SIZES[1]),
             )
             if got[0] is None or got[0] != got[1]:
                 raise _Refusal(
-                    f"{name} reshapes {_shape(t.shape)} to {_shape(o1.shape)}, which splits "
-                    "the batch across dims"
+                    f"{name} reshapes {shape_text(t.shape)} to {shape_text(o1.shape)}, which "
+                    "splits the batch across dims"
                 )
             return got[0]
         found = _from_shapes(o1.shape, o2.shape, name)
@@ -883,13 +435,13 @@ class _Follower:
             if batched and not (kind is not None and (kind.value_free or kind.statistics)):
                 _, t, batch = batched[0]
                 raise _Refusal(
-                    f"{name} turns a tensor that holds the batch ({_shape(t.shape)}, batch at "
-                    f"dim {batch.dim}) into one that does not ({_shape(o1.shape)}): it reduces "
+                    f"{name} turns a tensor that holds the batch ({shape_text(t.shape)}, batch at "
+                    f"dim {batch.dim}) into one that does not ({shape_text(o1.shape)}): it reduces "
                     "over the samples or picks some of them"
                 )
             if info.random and not (kind is not None and kind.statistics):
                 raise _Refusal(
-                    f"{name} draws random numbers for a {_shape(o1.shape)} tensor, without the "
+                    f"{name} draws random numbers for a {shape_text(o1.shape)} tensor, without the "
                     "batch: both copies would share the draw, so their dropout would not be "
                     "independent"
                 )
@@ -906,19 +458,19 @@ class _Follower:
             _, t, batch = batched[0]
             raise _Refusal(
                 f"{name} gives dim {d} of its result {per} elements per sample where its input "
-                f"({_shape(t.shape)}) had {batch.per_sample}: it repeats or interleaves samples"
+                f"({shape_text(t.shape)}) had {batch.per_sample}: it repeats or interleaves samples"
             )
         return Batch(d, outer, inner)
 
 
-def _check_values(c1: _Call, c2: _Call, name: str) -> None:
+def _check_values(c1: Call, c2: Call, name: str) -> None:
     """The batch size may size tensors; any other argument that changes with it is refused."""
     schema = {a.name: a for a in c1.func._schema.arguments}
     for arg, v1 in c1.args.items():
         v2 = c2.args.get(arg)
-        if _tensors(v1) or v1 == v2:
+        if tensors_in(v1) or v1 == v2:
             continue
-        if arg in _SIZE_ARGUMENTS and "int" in str(schema[arg].type):
+        if arg in SIZE_ARGUMENTS and "int" in str(schema[arg].type):
             continue
         if c1.func.overloadpacket is aten.arange and arg == "end" and (v1, v2) == SIZES:
             continue  # torch.arange(batch): followed as the samples' positions
@@ -938,8 +490,8 @@ def _from_shapes(s1: tuple[int, ...], s2: tuple[int, ...], op: str) -> tuple[int
         return None
     if len(changed) > 1:
         raise _Refusal(
-            f"{op} gives a {_shape(s1)} tensor at batch {SIZES[0]} and {_shape(s2)} at batch "
-            f"{SIZES[1]}: the batch is in dims {changed}, so it pairs samples with each other"
+            f"{op} gives a {shape_text(s1)} tensor at batch {SIZES[0]} and {shape_text(s2)} at "
+            f"batch {SIZES[1]}: the batch is in dims {changed}, so it pairs samples with each other"
         )
     d = changed[0]
     per1, rest1 = divmod(s1[d], SIZES[0])
@@ -972,43 +524,6 @@ def _reshaped(
     return None
 
 
-def _shape(s: Sequence[int]) -> str:
-    return "×".join(str(n) for n in s) if s else "0-d"
-
-
-_WHAT = {
-    "convolution": "convolves over",
-    "_softmax": "normalises over",
-    "_log_softmax": "normalises over",
-    "_safe_softmax": "normalises over",
-    "native_group_norm": "normalises over",
-    "native_layer_norm": "normalises over",
-    "cat": "concatenates along",
-    "index": "indexes",
-    "select": "picks one entry of",
-    "slice": "slices",
-    "flip": "reverses",
-    "roll": "rolls",
-    "sort": "sorts along",
-    "cumsum": "accumulates along",
-    "bmm": "contracts",
-    "mm": "contracts",
-    "addmm": "contracts",
-}
-
-
-def _mixing(name: str, call: _Call, arg: str, t: _T, batch: Batch) -> str:
-    if torch.Tag.reduction in call.func.tags:
-        what = "reduces over"
-    else:
-        what = _WHAT.get(str(call.func.overloadpacket.__name__), "works along")
-    holds = "the batch merged with other elements" if batch.merged else "the batch"
-    return (
-        f"{name} {what} dim {batch.dim} of its {arg} ({_shape(t.shape)}), which holds {holds}: "
-        "it mixes samples"
-    )
-
-
 def audit_batch(
     body: GraphModule,
     inputs: Sequence[Any],
@@ -1029,7 +544,7 @@ def audit_batch(
     r1, r2 = (_run(body, inputs, batched, b, describe, model_name) for b in SIZES)
     follower = _Follower((r1, r2))
     for handle, leaf in enumerate(r1.input_leaves):
-        follower.infos[handle] = _Info(batch=Batch(0), input=leaf)
+        follower.infos[handle] = Info(batch=Batch(0), input=leaf)
     calls = r1.recorder.calls
     prefix = f"fxfuse.rdrop cannot double the batch of {model_name}"
     if len(calls) != len(r2.recorder.calls):
@@ -1098,7 +613,7 @@ def _check_outputs(
         if batch.dim != 0 or batch.merged:
             where = f"at dim {batch.dim}" if not batch.merged else "merged with other elements"
             raise BatchError(
-                f"{prefix}: {what} ({_shape(a.shape)} at batch {SIZES[0]}) holds the batch "
+                f"{prefix}: {what} ({shape_text(a.shape)} at batch {SIZES[0]}) holds the batch "
                 f"{where}; rdrop splits outputs in two along dim 0"
             )
         flags.append(True)

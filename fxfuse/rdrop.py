@@ -490,8 +490,8 @@ def _rewrite(body: Graph, holds_batch: Sequence[bool], audit: BatchAudit) -> Gra
         node.replace_all_uses_with(doubled, delete_user_cb=_not(doubled))
     output = map_arg(output, lambda n: twice.get(n, n))
     if audit.mutated:
-        doubled = tuple(twice.get(p, p) for p in placeholders)
-        graph.call_function(copy_back, (tuple(placeholders), doubled, audit.mutated))
+        copies = tuple(twice.get(p, p) for p in placeholders)
+        graph.call_function(copy_back, (tuple(placeholders), copies, audit.mutated))
     halves = graph.call_function(split_batch, (output, audit.outputs))
     graph.output(halves)
     graph.lint()
