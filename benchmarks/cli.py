@@ -4,8 +4,9 @@
 prints where ``optimize`` spends its time (cProfile, per phase); ``equivalence`` prints the
 README's model table (ops executed, errors, parameters; fxfuse beside timm's converter).
 ``live`` times the compile backend's live weights against fused ones (per-call cost).
-``--quick`` is the short run (a few minutes on 2 cores): four models, 10 rounds,
-10/100/1,000 blocks. The 10,000-block point is its own command::
+``rdrop`` times one R-Drop training step with ``fxfuse.rdrop``'s twin against two forward
+passes, and their peak memory. ``--quick`` is the short run (a few minutes on 2 cores): four
+models, 10 rounds, 10/100/1,000 blocks. The 10,000-block point is its own command::
 
     python -m benchmarks scaling --blocks 10 100 1000 10000
 
@@ -32,6 +33,7 @@ from benchmarks import (
     memory,
     plots,
     profile,
+    rdrop,
     scaling,
 )
 from benchmarks.common import OUT, cold_compiles, load_results, machine, save_section
@@ -87,6 +89,19 @@ def run_live(args: argparse.Namespace) -> None:
     save_section(args.json, "live_weights", {"machine": env, "models": result})
 
 
+def run_rdrop(args: argparse.Namespace) -> None:
+    device = _device(args.device)
+    env = machine(device)
+    models = rdrop.run(
+        args.models or rdrop.QUICK,
+        batch=args.batch or (16 if args.quick else 64),
+        rounds=args.rounds or (10 if args.quick else 30),
+        device=device,
+    )
+    env["load_average_after"] = machine(device)["load_average"]
+    save_section(args.json, "rdrop", {"machine": env, "models": models})
+
+
 def run_markdown(args: argparse.Namespace) -> None:
     print(markdown.render(load_results(args.json)))
 
@@ -112,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="all",
         choices=["all", "latency", "scaling", "memory", "profile", "plot", "markdown",
-                 "equivalence", "live"],
+                 "equivalence", "live", "rdrop"],
     )
     parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
     parser.add_argument("--models", nargs="+", metavar="SPEC", help="model specs to measure")
@@ -135,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     parser.add_argument("--blocks", type=int, nargs="+", help="synthetic network sizes")
+    parser.add_argument("--batch", type=int, default=None, help="rdrop: the batch size")
     parser.add_argument("--repeats", type=int, default=3, help="optimize runs per size")
     parser.add_argument("--json", type=Path, default=OUT / "results.json")
     parser.add_argument("--png", type=Path, default=OUT / "benchmarks.png")
@@ -155,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "memory": run_memory,
         "profile": run_profile,
         "live": run_live,
+        "rdrop": run_rdrop,
         "markdown": lambda a: None,
         "plot": lambda a: None,
     }

@@ -94,6 +94,33 @@ def memory(section: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def rdrop(section: dict[str, Any]) -> str:
+    """R-Drop training steps: step times (median, quartiles), ratios, peak memory."""
+    variants = ("two passes", "twin", "cat by hand")
+
+    def ms(m: dict[str, Any]) -> str:
+        return f"{m['median_ms']:.1f} ({m['quartiles_ms'][0]:.1f}–{m['quartiles_ms'][1]:.1f})"
+
+    def mib(n: int | None) -> str:
+        return "–" if n is None else f"{n / 2**20:.1f}"
+
+    rows = []
+    for r in section["models"]:
+        peaks = [r["memory"][v]["peak_bytes"] for v in variants]
+        rows.append(
+            [r["spec"], str(r["batch"]), *(ms(r[v]) for v in variants),
+             f"{r['twin']['median_ms'] / r['two passes']['median_ms']:.2f}",
+             f"{r['twin']['median_ms'] / r['cat by hand']['median_ms']:.2f}",
+             " / ".join(mib(p) for p in peaks),
+             f"{peaks[1] / peaks[0]:.2f}" if peaks[0] and peaks[1] else "–",
+             f"{r['check_s']:.1f}"]
+        )  # fmt: skip
+    header = ["model", "batch", "two passes (ms)", "twin (ms)", "cat by hand (ms)",
+              "twin / two passes", "twin / by hand", "peak MiB: two passes / twin / by hand",
+              "peak, twin / two passes", "capture + check (s)"]  # fmt: skip
+    return _table(header, rows)
+
+
 def render(results: dict[str, Any]) -> str:
     parts = []
     for name, fn in (
@@ -101,6 +128,7 @@ def render(results: dict[str, Any]) -> str:
         ("conversion", conversion),
         ("scaling", scaling),
         ("memory", memory),
+        ("rdrop", rdrop),
     ):
         section = results.get("latency" if name == "conversion" else name)
         if section:

@@ -26,6 +26,7 @@ from fxfuse.errors import (
     TrainingModeError,
     VerificationError,
 )
+from fxfuse.rdrop import rdrop, rdrop_loss
 from fxfuse.report import Decline, FusionReport, GraphStats, Part, Rewrite
 from fxfuse.rules import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
 from fxfuse.verify import VerificationReport, verify
@@ -53,6 +54,8 @@ __all__ = [
     "VerificationReport",
     "deploy_state_dict",
     "optimize",
+    "rdrop",
+    "rdrop_loss",
     "verify",
 ]
 
