@@ -69,7 +69,7 @@ def run(specs: Sequence[str] = MODELS, rounds: int = 20, size: int = 224) -> dic
                 fn(x)
             for _ in range(rounds):
                 for name, fn in variants.items():
-                    times[name].append(_time(lambda fn=fn: fn(x)))
+                    times[name].append(_time(lambda fn=fn, x=x: fn(x)))
         median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         least = {name: min(t) * 1e3 for name, t in times.items()}
         results[spec] = {"ms": median, "min_ms": least}

@@ -274,11 +274,13 @@ def _split_weights(
     effects = Effects(graph, fused.get_submodule, held.get)
     pure: set[Node] = {n for n in weight_nodes if not effects.written(n)}
     for node in graph.nodes:
-        if node.op in ("call_function", "call_method", "get_attr") and all(
-            i in pure for i in node.all_input_nodes
+        if (
+            node.op in ("call_function", "call_method", "get_attr")
+            and all(i in pure for i in node.all_input_nodes)
+            and (node.op == "get_attr" or node.all_input_nodes)
+            and effects.pure(node)
         ):
-            if (node.op == "get_attr" or node.all_input_nodes) and effects.pure(node):
-                pure.add(node)
+            pure.add(node)
     boundary = [
         n
         for n in graph.nodes

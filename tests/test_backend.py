@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
-
 from collections.abc import Callable
 
 import pytest
