@@ -6,12 +6,13 @@ trap 3): a second instance of the same class reuses the compiled code with its o
 and weights change under it — an optimizer step (``fused=True`` ones included), batch-norm
 statistics re-estimated by a forward pass in training mode, ``p.data.mul_(…)`` — without any
 version counter seeing it. So the fused graph never bakes a weight: it computes its fused
-weights from the weight inputs on every call (:mod:`fxfuse.weights`, "live" weights), exactly,
-in float64, and differentiably — the same graph serves every instance and every update, and
-with gradients enabled it trains the original parameters (the merged kernel is computed from
-the branches on every step: the multi-branch model's gradients at one conv's activation cost).
-The cost is that weight arithmetic per call (``benchmarks/RESULTS.md`` measures it); with
-``inner="inductor"`` it is compiled with the rest.
+weights from the weight inputs (:mod:`fxfuse.weights`, "live" weights), exactly, in float64,
+and differentiably — the same graph serves every instance and every update, and with gradients
+enabled it trains the original parameters (the merged kernel is computed from the branches on
+every step: the multi-branch model's gradients at one conv's activation cost). Without
+gradients the fused weights are kept while a :class:`Fingerprint` of the weight inputs, taken
+on every call, is unchanged; that check is the per-call cost (``python -m benchmarks live``;
+``benchmarks/RESULTS.md``).
 
 Options (``torch.compile(..., options={...})``):
 
