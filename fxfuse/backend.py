@@ -1,18 +1,18 @@
 """``torch.compile(model, backend="fxfuse")``: fuse every graph dynamo captures, then compile it.
 
 Dynamo hands a backend torch-level ops (``torch.conv2d``, ``F.batch_norm``, ``operator.add``)
-with the parameters and buffers lifted to graph inputs that it does **not** guard on (DESIGN
-trap 3): a second instance of the same class reuses the compiled code with its own weights,
-and weights change under it — an optimizer step (``fused=True`` ones included), batch-norm
-statistics re-estimated by a forward pass in training mode, ``p.data.mul_(…)`` — without any
-version counter seeing it. So the fused graph never bakes a weight: it computes its fused
-weights from the weight inputs (:mod:`fxfuse.weights`, "live" weights), exactly, in float64,
-and differentiably — the same graph serves every instance and every update, and with gradients
-enabled it trains the original parameters (the merged kernel is computed from the branches on
-every step: the multi-branch model's gradients at one conv's activation cost). Without
-gradients the fused weights are kept while a :class:`Fingerprint` of the weight inputs, taken
-on every call, is unchanged; that check is the per-call cost (``python -m benchmarks live``;
-``benchmarks/RESULTS.md``).
+with the parameters and buffers lifted to graph inputs that it does **not** guard on
+(docs/design.md, trap 3): a second instance of the same class reuses the compiled code with its
+own weights, and weights change under it — an optimizer step (``fused=True`` ones included),
+batch-norm statistics re-estimated by a forward pass in training mode, ``p.data.mul_(…)`` —
+without any version counter seeing it. So the fused graph never bakes a weight: it computes its
+fused weights from the weight inputs (:mod:`fxfuse.weights`, "live" weights), exactly, in
+float64, and differentiably — the same graph serves every instance and every update, and with
+gradients enabled it trains the original parameters (the merged kernel is computed from the
+branches on every step: the multi-branch model's gradients at one conv's activation cost).
+Without gradients the fused weights are kept while a :class:`Fingerprint` of the weight inputs,
+taken on every call, is unchanged; that check is the per-call cost (``python -m benchmarks
+live``; ``benchmarks/RESULTS.md``).
 
 Options (``torch.compile(..., options={...})``):
 

@@ -7,7 +7,7 @@ Both :func:`fxfuse.verify` (whole models on drawn inputs) and the per-rewrite ch
   each tensor is named by its path (``output[1]['logits']``);
 - a tensor's error is normalised, ``‖candidate − reference‖ / ‖reference‖`` in float64
   (``‖Δ‖`` alone when the reference is zero): randomly initialised networks reach 1e15, so a
-  bare absolute tolerance means nothing (DESIGN.md, trap 5);
+  bare absolute tolerance means nothing (docs/design.md, trap 5);
 - the tolerance depends on the dtype, the less precise of the two tensors';
 - a non-finite value where the reference is finite is a failure whatever the error; positions
   where the reference itself is not finite are left out of the comparison.

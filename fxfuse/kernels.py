@@ -201,7 +201,7 @@ def scale_kernel(
 
     A transposed conv's weight is ``[in, out/g, k…]``: output channel ``o`` of group ``G``
     lives at ``W[G·in/g : (G+1)·in/g, o − G·out/g]``, so the scale applies per group on dim 1
-    (never on dim 0: DESIGN trap 4)."""
+    (never on dim 0: docs/design.md trap 4)."""
     w = exact(weight)
     if transposed:
         in_channels, out_per_group = w.shape[0], w.shape[1]

@@ -185,7 +185,7 @@ def test_dynamic_shapes() -> None:
 
 
 def test_conv_transpose_bn_in_equals_out_under_inductor() -> None:
-    # Inductor's own freezing scales weight dim 0 here (DESIGN trap 4); fxfuse folds dim 1.
+    # Inductor's own freezing scales weight dim 0 here (docs/design.md trap 4); fxfuse folds dim 1.
     model = nn.Sequential(nn.ConvTranspose2d(6, 6, 3, stride=2, groups=3), nn.BatchNorm2d(6))
     model = randomize_batch_norms(model.eval())
     compiled = torch.compile(model, backend="fxfuse", options={"inner": "inductor"})
