@@ -512,7 +512,11 @@ def _branches(conv: nn.Conv2d, block: str, copies: int) -> list[nn.Module]:
         pad = _centre_padding(conv, kernel)
         return None if pad is None else _branch_conv(conv, kernel, pad)
 
-    identity = conv.in_channels == conv.out_channels and conv.stride == (1, 1)
+    identity = (
+        conv.in_channels == conv.out_channels
+        and conv.stride == (1, 1)
+        and _centre_padding(conv, (1, 1)) == (0, 0)  # (the output keeps the input's size)
+    )
     if block == "acb":
         branches += [b for b in (centred((1, k)), centred((k, 1))) if b is not None]
     elif block in ("repvgg", "mobileone"):
