@@ -157,7 +157,7 @@ def _reparam(weight: Weight, name: str, seed: int) -> _Reparam:
     the diagonal ``M`` (each parameter element lands at one position)."""
     leaves = list(_variables(weight).values())
     f = lambda values: _at(weight, values, {})  # noqa: E731
-    zeros = {id(l.tensor): torch.zeros(l.shape, dtype=torch.float64) for l in leaves}
+    zeros = {id(leaf.tensor): torch.zeros(leaf.shape, dtype=torch.float64) for leaf in leaves}
     with torch.no_grad():
         constant = kernels.exact(f(zeros))
     if not leaves:
@@ -165,7 +165,10 @@ def _reparam(weight: Weight, name: str, seed: int) -> _Reparam:
     g = torch.Generator().manual_seed(seed)
 
     def draw() -> dict[int, Tensor]:
-        return {id(l.tensor): torch.randn(l.shape, dtype=torch.float64, generator=g) for l in leaves}
+        return {
+            id(leaf.tensor): torch.randn(leaf.shape, dtype=torch.float64, generator=g)
+            for leaf in leaves
+        }
 
     with torch.no_grad():
         r1, r2 = draw(), draw()
@@ -173,7 +176,7 @@ def _reparam(weight: Weight, name: str, seed: int) -> _Reparam:
         lhs = kernels.exact(f(both)) - constant
         rhs = (kernels.exact(f(r1)) - constant) + 2 * (kernels.exact(f(r2)) - constant)
     if _relative(lhs, rhs) > _CHECK_TOLERANCE:
-        names = ", ".join(sorted(str(l.path or l.node) for l in leaves))
+        names = ", ".join(sorted(str(leaf.path or leaf.node) for leaf in leaves))
         raise ValueError(
             f"the merged {name} is not linear in its parameters ({names}): a trainable scale or "
             "a batch norm in a branch? Gradient re-parameterization needs branches that are "
@@ -181,9 +184,9 @@ def _reparam(weight: Weight, name: str, seed: int) -> _Reparam:
         )
     columns = []
     with torch.no_grad():
-        for l in leaves:
+        for leaf in leaves:
             ones = dict(zeros)
-            ones[id(l.tensor)] = torch.ones(l.shape, dtype=torch.float64)
+            ones[id(leaf.tensor)] = torch.ones(leaf.shape, dtype=torch.float64)
             columns.append(kernels.exact(f(ones)) - constant)
     multiplier = kernels.gradient_multiplier(columns)
     # J Jᵀ G must be M ⊙ G: probe with a random G through autograd (Jᵀ) and the map (J)
@@ -331,7 +334,7 @@ def gradient_reparam(
                 "plain model; merged weights need parameters of their own"
             )
     reparams: dict[nn.Parameter, _Reparam] = {}
-    for module, layer, parts in plans:
+    for module, _, parts in plans:
         for part, found in parts.items():
             p = getattr(module, part)
             p.requires_grad_(True)
@@ -537,9 +540,11 @@ def _branches(conv: nn.Conv2d, block: str, copies: int) -> list[nn.Module]:
             conv.in_channels, conv.in_channels, 1, groups=conv.groups, bias=False,
             device=w.device, dtype=w.dtype,
         )  # fmt: skip
+        identity = kernels.diagonal_kernel(
+            torch.ones(conv.in_channels), conv.in_channels, conv.groups, (1, 1), (0, 0)
+        )
         with torch.no_grad():  # the identity (DBB's IdentityBasedConv1x1 starts there)
-            mid.weight.copy_(kernels.diagonal_kernel(torch.ones(conv.in_channels), conv.in_channels, conv.groups,
-                                                     (1, 1), (0, 0)))  # fmt: skip
+            mid.weight.copy_(identity)
         tail = _branch_conv(conv, (k, k), pad)
         branches.append(nn.Sequential(mid, *tail))
         if conv.dilation == (1, 1) and conv.padding_mode == "zeros" and conv.padding[0] <= k // 2:
@@ -641,4 +646,3 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
-
