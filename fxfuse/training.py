@@ -233,7 +233,14 @@ class GradientMap:
         found = self.reparams.get(parameter)
         return None if found is None else found.constant
 
-    def before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    def before_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if any(a is not None for a in args) or kwargs.get("closure") is not None:
+            raise ValueError(
+                "gradient_reparam's optimizer maps the gradients before the step, so it cannot "
+                "take a closure that computes them inside it: call loss.backward(), then step()"
+            )
         for group in optimizer.param_groups:
             decay = float(group.get("weight_decay", 0.0))
             if group.get("maximize", False):

@@ -143,6 +143,12 @@ def test_optimizers_not_linear_in_the_gradient_are_refused() -> None:
         fxfuse.gradient_reparam(STRUCTURES["csla"](), torch.optim.Adam, lr=1e-3)
 
 
+def test_a_closure_is_refused() -> None:
+    plain, optimizer = fxfuse.gradient_reparam(STRUCTURES["csla"](), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="cannot take a closure"):
+        optimizer.step(lambda: plain(torch.randn(1, 4, 5, 5, dtype=torch.float64)).sum())
+
+
 def test_trainable_scales_are_refused() -> None:
     class Learned(nn.Module):
         def __init__(self) -> None:
