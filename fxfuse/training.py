@@ -236,7 +236,8 @@ class GradientMap:
     def before_step(
         self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        if any(a is not None for a in args) or kwargs.get("closure") is not None:
+        given = args[1:] if args and args[0] is optimizer else args  # (step's own self)
+        if any(a is not None for a in given) or kwargs.get("closure") is not None:
             raise ValueError(
                 "gradient_reparam's optimizer maps the gradients before the step, so it cannot "
                 "take a closure that computes them inside it: call loss.backward(), then step()"
@@ -409,8 +410,47 @@ def online_merge(model: nn.Module) -> GraphModule:
         effects=ctx.effects,
         live=True,
     )
+    _pads_into_convs(merged)
     merged.train()
     return merged
+
+
+_CONV_FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2,
+                   F.conv3d: 3}  # fmt: skip
+
+
+def _pads_into_convs(module: GraphModule) -> None:
+    """``conv(F.pad(x, symmetric zeros), padding=0) -> conv(x, padding=p)``: live emission pads
+    apart (any padding), but a separate pad would keep a padded copy of every block's input
+    alive for the backward pass."""
+    graph = module.graph
+    for conv in list(graph.nodes):
+        dims = _CONV_FUNCTIONS.get(conv.target) if conv.op == "call_function" else None
+        if dims is None or conv.kwargs.get("padding", 0) != 0 or not conv.args:
+            continue
+        pad = conv.args[0]
+        if not (isinstance(pad, Node) and pad.op == "call_function" and pad.target is F.pad):
+            continue
+        amounts = pad.args[1] if len(pad.args) > 1 else None
+        mode = pad.kwargs.get("mode", "constant")
+        value = pad.kwargs.get("value", None)
+        if (
+            len(pad.users) != 1
+            or len(pad.args) != 2
+            or mode != "constant"
+            or value not in (None, 0, 0.0)
+            or not isinstance(amounts, (list, tuple))
+            or len(amounts) != 2 * dims
+        ):
+            continue
+        pairs = [(amounts[2 * i], amounts[2 * i + 1]) for i in range(dims)][::-1]
+        if any(left != right or left < 0 for left, right in pairs):
+            continue
+        conv.args = (pad.args[0], *conv.args[1:])
+        conv.kwargs = {**conv.kwargs, "padding": tuple(left for left, _ in pairs)}
+        graph.erase_node(pad)
+    graph.lint()
+    module.recompile()
 
 
 def _read_by_path(graph: Graph) -> None:

@@ -175,6 +175,8 @@ def test_online_merge_trains_the_branch_parameters_exactly(structure: str) -> No
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
     blocks = sum(isinstance(m, Scaled) for m in model.modules())
     assert count_ops(online, x)["conv"] == blocks < count_ops(model, x)["conv"]
+    # symmetric zero padding stays in the conv (no padded copy of each input kept for backward)
+    assert not any(n.target is F.pad for n in online.graph.nodes)
     reference = copy.deepcopy(model)
     reference.zero_grad()
     reference(x).square().sum().backward()
