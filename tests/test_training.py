@@ -260,3 +260,13 @@ def test_expand_keeps_grouped_strided_and_dilated_convs_exact() -> None:
 def test_expand_unknown_block() -> None:
     with pytest.raises(ValueError, match="unknown block 'inception'"):
         fxfuse.expand(nn.Conv2d(3, 3, 3), "inception")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050"])
+def test_expand_timm_round_trip(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, num_classes=10)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    convs = count_ops(model.double(), x)["conv"]
+    _expand_round_trip(model, "acb", x, convs=convs)
