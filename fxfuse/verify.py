@@ -26,6 +26,7 @@ hypothesis is needed at run time: ``pip install 'fxfuse[verify]'``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import math
@@ -105,6 +106,18 @@ def _strategies() -> ModuleType:
 # --------------------------------------------------------------------------------------------
 # Running models without changing them
 # --------------------------------------------------------------------------------------------
+
+
+def _private_copy(model: Any) -> Any:
+    """A deep copy of a module for :func:`verify` to run; the module itself (its buffers then
+    restored after the runs) where it cannot be copied, and any other callable as it is."""
+    if not isinstance(model, nn.Module):
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:  # (a lock, an open file, a generator among its attributes)
+        log.info("verify runs %s itself: it cannot be copied (%s)", type(model).__name__, error)
+        return model
 
 
 @contextlib.contextmanager
@@ -490,6 +503,9 @@ def verify(
     if examples < 0:
         raise ValueError(f"examples must be ≥ 0, got {examples}")
     started = time.perf_counter()
+    # run copies: a forward may keep Python state (a call counter, a log) that buffers_restored
+    # cannot put back; the caller's models are never run
+    reference, candidate = _private_copy(reference), _private_copy(candidate)
     job = _Job(reference, candidate, example, tolerance, seed, strategies)
     draw = _enclosing_draw()
     job.report.drawn_by = "drawn by the enclosing hypothesis test" if draw else f"seed {seed}"

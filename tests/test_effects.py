@@ -1076,3 +1076,32 @@ def test_a_warning_shows_without_logging_configured() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("gradients are enabled") == 1, result.stderr[-2000:]
+
+
+class _CountsCalls(nn.Module):
+    """Keeps Python state in forward: a counter and a log (adversarial review: ``verify`` ran
+    the caller's own model ~25 times)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.bn = conv(), nn.BatchNorm2d(C)
+        self.calls, self.log = 0, []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        self.log.append(1)
+        return self.bn(self.c(x))
+
+
+@pytest.mark.parametrize("how", ["optimize-verify", "verify"])
+def test_verifying_never_runs_the_callers_models(how: str) -> None:
+    model = _CountsCalls().eval()
+    x = torch.randn(2, C, 5, 6)
+    if how == "verify":
+        other = _CountsCalls().eval()
+        other.load_state_dict(model.state_dict())
+        report = fxfuse.verify(model, other, (x,), examples=3)
+        assert report.examples >= 1 and (other.calls, other.log) == (0, [])
+    else:
+        fxfuse.optimize(model, (x,), verify=True)
+    assert (model.calls, model.log) == (0, [])
