@@ -316,6 +316,8 @@ def _module_layer(node: Node, ctx: Resolver) -> Layer | Refusal | None:
     x = node.args[0]
     weight = ctx.module_weight(path, "weight")
     bias = None if module.bias is None else ctx.module_weight(path, "bias")
+    if weight is None or (module.bias is not None and bias is None):
+        return Refusal(node, f"{path}'s parameters are changed in place during the forward")
     common = dict(
         dtype=module.weight.dtype,
         device=module.weight.device,

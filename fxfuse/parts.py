@@ -55,6 +55,7 @@ from fxfuse.capture import (
     structural_copy,
     trace_part,
 )
+from fxfuse.effects import Effects
 from fxfuse.emit import _copy, copy_hooks, copy_shell, keep_attributes, share_hook_functions
 from fxfuse.report import NO_OPS, Decline, FusionReport, GraphStats, Part, Rewrite
 from fxfuse.rules import FusionOptions, Rule, RuleSet
@@ -156,6 +157,7 @@ class _Assembly:
         if example is None:
             return
         root = structural_copy(traced.root, hooks=False)  # (not the user's hooks)
+        _own_written(root, traced.graph)  # (a forward may write a weight under no_grad)
         recorder = _Recorder(GraphModule(root, traced.graph), set(traced.leaves))
         try:  # (it runs the caller's modules: a BN in training mode would update its stats)
             with torch.no_grad(), buffers_restored(module):
@@ -259,6 +261,34 @@ class _Assembly:
             validation=self.validation,
             parts=sorted(self.parts, key=lambda p: p.path.split(".") if p.path else []),
         )
+
+
+def _own_written(root: nn.Module, graph: Graph) -> None:
+    """Give ``root`` (a structural copy) its own copy of each parameter and buffer ``graph``
+    may write, so that running it leaves the caller's tensors as they are."""
+
+    def held(node: Node) -> torch.Tensor | None:
+        if node.op != "get_attr":
+            return None
+        owner, _, name = str(node.target).rpartition(".")
+        try:
+            value = getattr(root.get_submodule(owner), name)
+        except AttributeError:
+            return None
+        return value if isinstance(value, torch.Tensor) else None
+
+    effects = Effects(graph, root.get_submodule, held)
+    for node in graph.nodes:
+        t = held(node)
+        if t is None or not effects.written(node):
+            continue
+        owner, _, name = str(node.target).rpartition(".")
+        module = root.get_submodule(owner)
+        clone = t.detach().clone()
+        if name in module._parameters:
+            module._parameters[name] = nn.Parameter(clone, requires_grad=t.requires_grad)
+        elif name in module._buffers:
+            module._buffers[name] = clone
 
 
 class _Recorder(ShapeProp):

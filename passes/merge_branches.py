@@ -393,6 +393,9 @@ def _classify(
             "so it cannot disappear into the merged conv"
         )
         return Term(coefficient, node, node, diagonal=_IDENTITY), (bn.input, why)
+    refused = ctx.refusal(node)  # a layer or batch norm its view cannot read, and why
+    if refused is not None and node.args and isinstance(node.args[0], Node):
+        return Term(coefficient, node, node, diagonal=_IDENTITY), (node.args[0], refused)
     return Term(coefficient, node, node, diagonal=_IDENTITY), None
 
 
