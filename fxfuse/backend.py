@@ -318,6 +318,19 @@ def _split_weights(
     return GraphModule(fused, wg), GraphModule(fused, rg), len(boundary)
 
 
+_AUTOCAST = frozenset(
+    {torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast}
+)
+_UNFUSED = {
+    "grad": "fxfuse: gradients are enabled for the model's weights, so folding them would cut "
+    "them out of autograd; running the captured graph unfused (call the model under "
+    "torch.no_grad() or torch.inference_mode() to fuse)",
+    "autocast": "fxfuse: a captured graph has an autocast region (torch.autocast inside "
+    "forward), whose ops compute in another precision; a fold across its edge would change "
+    "that, so the graph runs unfused",
+}
+
+
 class FusingCallable:
     """What the backend returns to dynamo: fuses on first use of each set of weights."""
 
@@ -335,15 +348,23 @@ class FusingCallable:
         self._unfused: Callable[..., Any] | None = None
         self._live: Callable[..., Any] | None = None
         self._next_key = 0
+        # an autocast region changes what the ops in it compute: a fold across its edge would
+        # move an op into another precision; such a graph runs as captured
+        self.autocast = next(
+            (n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _AUTOCAST),
+            None,
+        )
 
     def __call__(self, *args: Any) -> Any:
+        if self.autocast is not None:
+            return self._run_unfused(args, "autocast")
         weights = [args[i] for i in self.weight_indices]
         if self.options.weights == "live":
             if self._live is None:
                 self._live = self._fuse(args, weights, live=True).run
             return self._live(*args)
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return self._run_unfused(args)
+            return self._run_unfused(args, "grad")
         for key, fused in self.cache.items():
             if fused.matches(weights):
                 self.cache.move_to_end(key)
@@ -355,13 +376,8 @@ class FusingCallable:
             self.cache.popitem(last=False)
         return fused.run(*args)
 
-    def _run_unfused(self, args: Sequence[Any]) -> Any:
-        _warn_once(
-            "grad",
-            "fxfuse: gradients are enabled for the model's weights, so folding them would cut "
-            "them out of autograd; running the captured graph unfused (call the model under "
-            "torch.no_grad() or torch.inference_mode() to fuse)",
-        )
+    def _run_unfused(self, args: Sequence[Any], why: str) -> Any:
+        _warn_once(why, _UNFUSED[why])
         if self._unfused is None:
             self._unfused = self.inner(self.gm, list(args))
         return self._unfused(*args)

@@ -190,7 +190,7 @@ class Tracer(FxTracer):
             for name, param in root.named_parameters():
                 self._names.setdefault(id(param), name)
         try:
-            with _global_hooks_held_back(), _RandomCallsRecorded(self):
+            with _global_hooks_held_back(), _RandomCallsRecorded(self), _autocast_refused():
                 return super().trace(root, concrete_args)
         finally:
             self._names = {}
@@ -241,6 +241,27 @@ class Tracer(FxTracer):
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
+
+
+@contextlib.contextmanager
+def _autocast_refused() -> Iterator[None]:
+    """An ``autocast`` region inside ``forward`` is not traceable: ``torch.fx`` runs its
+    ``__enter__`` at trace time and records nothing, so the graph would compute in another
+    precision (and a fold could move an op across the region's edge). Entering one while
+    tracing fails the trace, so the module that opens it stays Python around its parts."""
+    autocast = torch.amp.autocast_mode.autocast
+    enter = autocast.__enter__
+
+    def refuse(self: Any) -> Any:
+        raise TraceError(
+            "an autocast region (torch.autocast) inside forward: torch.fx cannot record it"
+        )
+
+    autocast.__enter__ = refuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        autocast.__enter__ = enter  # type: ignore[method-assign]
 
 
 class _RandomCallsRecorded(TorchFunctionMode):
@@ -754,6 +775,13 @@ def export_capture(model: nn.Module, example_inputs: Sequence[Any]) -> Exported:
         except Exception as failed:  # export fails in many ways
             error = error or failed
             continue
+        hop = torch.ops.higher_order
+        if any(n.target is getattr(hop, "wrap_with_autocast", None) for n in program.graph.nodes):
+            error = error or TraceError(
+                "an autocast region (torch.autocast) inside forward: functionalizing the "
+                "program inlines it, and a fold could move an op across its edge"
+            )
+            continue
         # (functionalizing may add guards of its own: a write through ``unbind``'s view fixes
         # the batch, so what the result requires is read from the functional program)
         program = program.run_decompositions({})
@@ -849,6 +877,12 @@ def capture_error(what: str, failure: Failure, *, exported: Failure | None = Non
         there = exported.where == failure.where or not exported.where
         also = "; torch.export fails there too" if there else f"; torch.export at {exported.where}"
     message = f"torch.fx cannot capture {what}: {failure}{also}"
+    if "autocast region" in str(failure):
+        hint = (
+            "call the model under torch.autocast instead, or put the region's layers in a "
+            "submodule of their own (it is then fused on its own)"
+        )
+        return CaptureError(message, hint=hint, cli_hint=hint)
     if exported is not None:
         return CaptureError(
             message,

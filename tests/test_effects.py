@@ -1142,3 +1142,53 @@ def test_verifying_never_runs_the_callers_models(how: str) -> None:
     else:
         fxfuse.optimize(model, (x,), verify=True)
     assert (model.calls, model.log) == (0, [])
+
+
+class _AutocastOff(nn.Module):
+    """A float32 region inside forward, called under an outer bfloat16 autocast: the batch
+    norm runs outside the region (adversarial review: folding it moved the conv out of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branches = Forward(lambda s, x: s.a(x) + s.b(x), a=conv(), b=conv(kernel=1))
+        self.bn = nn.BatchNorm2d(C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast("cpu", enabled=False):
+            y = self.branches(x)
+        return self.bn(y)
+
+
+def _under_bf16(model: Callable[..., Tensor], x: Tensor) -> Tensor:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(x)
+
+
+@pytest.mark.parametrize("surface", ["optimize", "optimize-example", "compile"])
+def test_an_autocast_region_in_forward_is_never_crossed(surface: str) -> None:
+    model = randomize_batch_norms(_AutocastOff().eval())
+    x = torch.randn(2, C, 7, 8)
+    expected = _under_bf16(model, x)
+    if surface == "compile":
+        candidate: Callable[..., Tensor] = torch.compile(
+            model, backend="fxfuse", options={"inner": "eager"}
+        )
+        with pytest.warns(fxfuse.FxFuseWarning, match="autocast"):
+            actual = _under_bf16(candidate, x)
+    else:
+        example = None if surface == "optimize" else (x,)
+        fused = fxfuse.optimize(model, example)
+        assert "autocast" in str(fused.fxfuse_report)  # the module kept as Python, and why
+        assert count_ops(fused, x)["conv"] == 1  # its part fused: the region's two convs
+        actual = _under_bf16(fused, x)
+    assert actual.dtype == expected.dtype == torch.float32
+    assert relative_error(expected, actual) <= TOLERANCE
+
+
+def test_an_autocast_region_with_nothing_to_fuse_around_it_is_a_clear_error() -> None:
+    def fn(s: nn.Module, x: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return s.a(x).float() + s.b(x)
+
+    with pytest.raises(fxfuse.CaptureError, match="autocast region.*torch.fx cannot record"):
+        fxfuse.optimize(Forward(fn, a=conv(), b=conv(kernel=1)).eval())
