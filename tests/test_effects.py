@@ -1190,5 +1190,5 @@ def test_an_autocast_region_with_nothing_to_fuse_around_it_is_a_clear_error() ->
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return s.a(x).float() + s.b(x)
 
-    with pytest.raises(fxfuse.CaptureError, match="autocast region.*torch.fx cannot record"):
+    with pytest.raises(fxfuse.CaptureError, match=r"autocast region.*torch\.fx cannot record"):
         fxfuse.optimize(Forward(fn, a=conv(), b=conv(kernel=1)).eval())
