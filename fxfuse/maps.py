@@ -847,15 +847,60 @@ def _only_path(source: Node, target: Node) -> bool:
     for _ in range(16):
         if node is target:
             return True
-        users = [
-            u
-            for u in value_users(node)
-            if not (u.target is operator.setitem and u.args[0] is node and not u.users)
-        ]
+        users = [u for u in value_users(node) if not _writes_into(u, node)]
+        if len(users) > 1 and node.target in _PAD_FUNCTIONS_AND_STRIPS:
+            return _reaches_only(node, target)
         if len(users) != 1:
             return False
         node = users[0]
     return False
+
+
+_STRIP_OPS = frozenset(
+    {torch.ops.aten.slice.Tensor, torch.ops.aten.slice_scatter.default, torch.ops.aten.copy.default}
+)
+_PAD_FUNCTIONS_AND_STRIPS = _STRIP_OPS | {
+    F.pad,
+    torch.ops.aten.pad.default,
+    torch.ops.aten.constant_pad_nd.default,
+}
+
+
+def _reaches_only(pad: Node, target: Node) -> bool:
+    """Whether a padded value reaches nobody but ``target`` through the slices, copies and
+    scatters export writes a border with (a functional graph: each of them only makes values
+    that flow on, towards ``target``)."""
+    seen: set[Node] = set()
+    frontier = [pad]
+    while frontier:
+        node = frontier.pop()
+        if node is target or node in seen:
+            continue
+        seen.add(node)
+        users = value_users(node)
+        if len(seen) > 256 or not users:
+            return False
+        if node is not pad and node.target not in _STRIP_OPS:
+            return False
+        frontier.extend(users)
+    return True
+
+
+def _writes_into(user: Node, node: Node) -> bool:
+    """Whether ``user`` only writes into ``node`` and is read by nobody: ``node[i] = v``
+    (symbolic tracing), ``copy_(aten.slice(node, …), v)`` (torch.export's training IR), or
+    ``copy(aten.slice(node, …), v)`` (functionalized: the slice gives only its shape)."""
+    if user.target is operator.setitem:
+        return user.args[0] is node and not user.users
+    if user.target is not torch.ops.aten.slice.Tensor or user.args[0] is not node:
+        return False
+    if len(user.users) != 1:
+        return False
+    (copy,) = user.users
+    if copy.target is torch.ops.aten.copy_.default:
+        return copy.args[0] is user and not copy.users
+    # the functional form: copy(strip, v) takes only the strip's shape (its values are v's)
+    return copy.target is torch.ops.aten.copy.default and copy.args[0] is user
 
 
 def as_chain(node: Node, ctx: Resolver) -> Chain | Refusal | None:
