@@ -44,6 +44,7 @@ from fxfuse.dialects import (
     has_hooks,
     inherits_forward,
     module_path_of,
+    target_name,
 )
 from fxfuse.effects import register_pure, value_users
 from fxfuse.geometry import Geometry, Padding, as_ints, conv_padding, pad_input, peel_padding
@@ -1007,6 +1008,9 @@ def channels_of(node: Node, ctx: Resolver) -> int | None:
             reader = as_layer(user, ctx) if _reads_directly(user, ctx) else None
             if isinstance(reader, Layer) and reader.geometry is not None and not reader.label:
                 return reader.in_channels
+    found = _read_through_pads(node, ctx)
+    if found is not None:
+        return found
     for _ in range(64):
         layer = as_layer(node, ctx)
         if isinstance(layer, Layer):
@@ -1026,10 +1030,41 @@ def channels_of(node: Node, ctx: Resolver) -> int | None:
     return None
 
 
+_PADS_AND_CROPS = frozenset(
+    {
+        "getitem",
+        "pad",
+        "constant_pad_nd",
+        "slice",
+    }
+)
+
+
+def _read_through_pads(node: Node, ctx: Resolver) -> int | None:
+    """The input channels of a conv that reads ``node`` through pads and crops its view
+    peels back to ``node`` (so they are spatial: the channels are ``node``'s)."""
+    frontier, seen = list(node.users), 0
+    while frontier and seen < 16:
+        user = frontier.pop()
+        seen += 1
+        if user.op not in ("call_module", "call_function"):
+            continue
+        if _reads_directly(user, ctx):
+            reader = as_layer(user, ctx)
+            if isinstance(reader, Layer) and reader.input is node and not reader.label:
+                return reader.in_channels
+        elif user.op == "call_function" and target_name(user) in _PADS_AND_CROPS:
+            frontier.extend(user.users)
+    return None
+
+
 def _reads_directly(node: Node, ctx: Resolver) -> bool:
-    """A conv module or function (whose view does not itself ask for channels)."""
+    """A conv module or function, or a conv fxfuse built (views that do not themselves ask
+    for channels)."""
     if node.op == "call_module":
         return isinstance(ctx.module(str(node.target)), _ConvNd)
+    if node.target is fused_layer:
+        return isinstance(node.args[1], FusedLayer) and node.args[1].kind == "conv"
     return node.target in CONV_FUNCTIONS or node.target is aten.convolution.default
 
 

@@ -123,3 +123,20 @@ def test_pool_branches_merge_exactly(
         assert relative_error(block(x), fused(x)) <= 1e-10
     counts = count_ops(fused, x)
     assert _pools(counts) == 0 and counts["conv"] == 1 and counts["batch_norm"] == 0
+
+
+def test_a_pool_beside_a_conv_that_reads_through_an_explicit_pad_merges() -> None:
+    """The pool's channel count comes from the conv reading the same input through ``F.pad``
+    (fixed by the program, as a conv reading it directly would fix it)."""
+
+    class PaddedSibling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.conv(F.pad(x, [1, 1, 1, 1])) + F.avg_pool2d(x, 3, 1, 1)
+
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    _, _, after = fuse_and_check(PaddedSibling().double(), x, convs=1)
+    assert _pools(after) == 0
