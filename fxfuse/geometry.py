@@ -427,7 +427,8 @@ def _scattered_border(node: Node, ndim: int, ctx: Resolver) -> tuple[Node, Paddi
         narrowed = [r for r in region if not (r[1] in (0, None) and r[2] in (None, _INT64_MAX))]
         if len(narrowed) != 1:
             return None
-        strip = _strip_of(*narrowed[0], padding.pairs)
+        dim, start, end, step = narrowed[0]
+        strip = _strip_of(dim, start, end, step, padding.pairs)
         weight = ctx.weight(written)
         if strip is None or weight is None or not _per_channel(weight, ndim):
             return None
@@ -527,7 +528,10 @@ def _aten_strip(node: Node, pairs: Sequence[tuple[int, int]]) -> tuple[int, int]
     """``(dim, side)`` where ``aten.slice(x, dim, start, end)`` selects exactly one padded
     strip (see :func:`_border_strip`)."""
     found = _slice_args(node, aten.slice.Tensor)
-    return None if found is None else _strip_of(*found, pairs)
+    if found is None:
+        return None
+    dim, start, end, step = found
+    return _strip_of(dim, start, end, step, pairs)
 
 
 def _strip_of(
