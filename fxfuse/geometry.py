@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Node
@@ -29,7 +30,7 @@ from torch.nn.modules.padding import (
 from fxfuse.dialects import Resolver, aten, bind, inherits_forward
 from fxfuse.effects import register_pure
 from fxfuse.kernels import Window
-from fxfuse.weights import Weight
+from fxfuse.weights import Weight, evaluate
 
 __all__ = [
     "Geometry",
@@ -322,6 +323,8 @@ def _as_padding_op(
             return None  # an unbatched value: its dims are not (N, C, spatial...)
     if node.op == "call_function" and node.target is aten.slice.Tensor:
         return _slice_as_padding(node, ndim)
+    if node.op == "call_function" and node.target is aten.slice_scatter.default:
+        return _scattered_border(node, ndim, ctx)
     if node.op == "call_function" and node.target in _PAD_FUNCTIONS:
         found = _constant_pad(node, ndim, ctx)
         if found is not None and found[1].mode == "zeros":
@@ -364,23 +367,191 @@ def _border_written(
     value_node: Any = None
     strips: set[tuple[int, int]] = set()
     for write in writes:
-        if write.op != "call_function" or write.target is not operator.setitem:
+        if write.op != "call_function":
             return None
-        if write.args[0] is not pad or not write < reader or write.users:
+        if write.target is operator.setitem:  # symbolic tracing: out[:, :, 0:p, :] = v
+            if write.args[0] is not pad or not write < reader or write.users:
+                return None
+            strip = _border_strip(write.args[1], padding.pairs)
+            written: Any = write.args[2]
+        elif write.target is aten.slice.Tensor:  # torch.export: copy_(out[:, :, 0:p], v)
+            (copy,) = write.users if len(write.users) == 1 else (None,)
+            if copy is None or copy.target is not aten.copy_.default or copy.args[0] is not write:
+                return None
+            if not copy < reader or copy.users:
+                return None
+            strip = _aten_strip(write, padding.pairs)
+            written = _broadcast_source(copy.args[1])
+        else:
             return None
-        strip = _border_strip(write.args[1], padding.pairs)
-        weight = ctx.weight(write.args[2])
-        if strip is None or weight is None:
+        weight = ctx.weight(written)
+        if strip is None or weight is None or not _per_channel(weight, len(padding.pairs)):
             return None
         if value is None:
-            value, value_node = weight, write.args[2]
-        elif write.args[2] is not value_node:
+            value, value_node = weight, _view_root(written)
+        elif not _same_constant(value, value_node, weight, _view_root(written)):
             return None  # one value on every side
         strips.add(strip)
     wanted = {(d, side) for d, pair in enumerate(padding.pairs) for side in (0, 1) if pair[side]}
     if strips != wanted or value is None:
         return None
     return source, Padding(padding.pairs, "value", value)
+
+
+def _scattered_border(node: Node, ndim: int, ctx: Resolver) -> tuple[Node, Padding] | None:
+    """The functional form of a border write (``torch.export`` after ``run_decompositions``):
+    ``slice_scatter(… slice_scatter(pad(x), v₁, dim, start, end) …, vₖ, …)``, each strip one
+    side of one padded dim, all holding one per-channel constant: a padding with that value.
+    With dynamic dims, export writes each strip as nested scatters over full slices of the
+    other dims (see :func:`_strip_write`). Functional values are never written, so no other
+    reader matters."""
+    writes: list[tuple[tuple[Any, ...], Any]] = []
+    for _ in range(64):
+        if node.op != "call_function" or node.target is not aten.slice_scatter.default:
+            break
+        found = _strip_write(node)
+        if found is None:
+            return None
+        node, region, written = found
+        writes.append((region, written))
+    pad = node
+    if pad.op != "call_function" or pad.target not in _PAD_FUNCTIONS:
+        return None
+    found_pad = _constant_pad(pad, ndim, ctx)
+    if found_pad is None or found_pad[1].mode != "zeros":
+        return None
+    source, padding = found_pad
+    strips: set[tuple[int, int]] = set()
+    root: Any = None
+    value: Weight | None = None
+    for region, written in writes:
+        narrowed = [r for r in region if not (r[1] in (0, None) and r[2] in (None, _INT64_MAX))]
+        if len(narrowed) != 1:
+            return None
+        dim, start, end, step = narrowed[0]
+        strip = _strip_of(dim, start, end, step, padding.pairs)
+        weight = ctx.weight(written)
+        if strip is None or weight is None or not _per_channel(weight, ndim):
+            return None
+        if value is None:
+            root, value = _view_root(written), weight
+        elif not _same_constant(value, root, weight, _view_root(written)):
+            return None  # one value on every side
+        strips.add(strip)
+    wanted = {(d, side) for d, pair in enumerate(padding.pairs) for side in (0, 1) if pair[side]}
+    if strips != wanted or value is None:
+        return None
+    return source, Padding(padding.pairs, "value", value)
+
+
+def _slice_args(node: Node, op: Any) -> tuple[Any, ...] | None:
+    args = bind(op, node)
+    if args is None:
+        return None
+    return args["dim"], args["start"], args["end"], args["step"]
+
+
+def _strip_write(node: Node) -> tuple[Node, tuple[tuple[Any, ...], ...], Any] | None:
+    """``slice_scatter(base, src, dim, start, end)`` as ``(base, region, value)``: ``value``
+    (broadcast) written into ``base[region]``, the rest of ``base`` kept. A ``src`` that is
+    itself a ``slice_scatter`` into the same region of ``base`` (a slice of a slice) narrows
+    the region; ``copy(strip, v)`` is ``v`` broadcast to the strip."""
+    args = bind(aten.slice_scatter.default, node)
+    if args is None or not isinstance(args["input"], Node):
+        return None
+    base = args["input"]
+    region = [(args["dim"], args["start"], args["end"], args["step"])]
+    src = args["src"]
+    while isinstance(src, Node) and src.target is aten.slice_scatter.default:
+        inner = bind(aten.slice_scatter.default, src)
+        if inner is None or _slice_chain(inner["input"]) != (base, tuple(region)):
+            return None
+        region.append((inner["dim"], inner["start"], inner["end"], inner["step"]))
+        src = inner["src"]
+    if isinstance(src, Node) and src.target is aten.copy.default:
+        src = src.args[1]
+    return base, tuple(region), _broadcast_source(src)
+
+
+def _slice_chain(node: Any) -> tuple[Any, tuple[tuple[Any, ...], ...]]:
+    """``aten.slice(aten.slice(base, …), …)`` as ``(base, the slices' arguments in order)``."""
+    region: list[tuple[Any, ...]] = []
+    while isinstance(node, Node) and node.target is aten.slice.Tensor:
+        found = _slice_args(node, aten.slice.Tensor)
+        if found is None:
+            break
+        region.append(found)
+        node = node.args[0]
+    return node, tuple(reversed(region))
+
+
+_EXPANDS = frozenset({aten.expand.default, aten.expand_copy.default})
+_VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+
+
+def _broadcast_source(value: Any) -> Any:
+    """The value an ``expand`` broadcasts (a write broadcasts its value anyway; the expanded
+    shape may hold the batch size)."""
+    while isinstance(value, Node) and value.op == "call_function" and value.target in _EXPANDS:
+        value = value.args[0]
+    return value
+
+
+def _view_root(value: Any) -> Any:
+    """The value under a chain of views: writes of two views of one per-channel constant,
+    each shaped per channel, write the same values."""
+    while isinstance(value, Node) and value.op == "call_function" and value.target in _VIEWS:
+        value = value.args[0]
+    return value
+
+
+def _same_constant(a: Weight, a_root: Any, b: Weight, b_root: Any) -> bool:
+    """Whether two per-channel constants written into a border are one: views of one value,
+    or (folded one view at a time, by ``fold-constants``) equal values that never change."""
+    if a_root is b_root:
+        return True
+    if a.live or b.live or a.numel() != b.numel():
+        return False
+    return bool(torch.equal(evaluate(a).reshape(-1), evaluate(b).reshape(-1)))
+
+
+def _per_channel(weight: Weight, ndim: int) -> bool:
+    """Whether ``weight``, broadcast against a batched ``(N, C, *spatial)`` value of ``ndim``
+    spatial dims, holds one value per channel (or one for all): every dim but C is 1."""
+    shape = tuple(weight.shape)
+    if len(shape) > ndim + 2:
+        return False
+    full = (1,) * (ndim + 2 - len(shape)) + shape
+    return all(size == 1 for i, size in enumerate(full) if i != 1)
+
+
+def _aten_strip(node: Node, pairs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    """``(dim, side)`` where ``aten.slice(x, dim, start, end)`` selects exactly one padded
+    strip (see :func:`_border_strip`)."""
+    found = _slice_args(node, aten.slice.Tensor)
+    if found is None:
+        return None
+    dim, start, end, step = found
+    return _strip_of(dim, start, end, step, pairs)
+
+
+def _strip_of(
+    dim: Any, start: Any, end: Any, step: Any, pairs: Sequence[tuple[int, int]]
+) -> tuple[int, int] | None:
+    ndim = len(pairs)
+    if not isinstance(dim, int) or step not in (None, 1):
+        return None
+    d = (dim if dim >= 0 else dim + ndim + 2) - 2
+    if not 0 <= d < ndim:
+        return None
+    start = 0 if start is None else start
+    end = None if end == _INT64_MAX else end
+    left, right = pairs[d]
+    if start == 0 and end == left and left > 0:
+        return d, 0
+    if start == -right and end is None and right > 0:
+        return d, 1
+    return None
 
 
 def _border_strip(index: Any, pairs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:

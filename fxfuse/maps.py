@@ -44,6 +44,7 @@ from fxfuse.dialects import (
     has_hooks,
     inherits_forward,
     module_path_of,
+    target_name,
 )
 from fxfuse.effects import register_pure, value_users
 from fxfuse.geometry import Geometry, Padding, as_ints, conv_padding, pad_input, peel_padding
@@ -849,15 +850,60 @@ def _only_path(source: Node, target: Node) -> bool:
     for _ in range(16):
         if node is target:
             return True
-        users = [
-            u
-            for u in value_users(node)
-            if not (u.target is operator.setitem and u.args[0] is node and not u.users)
-        ]
+        users = [u for u in value_users(node) if not _writes_into(u, node)]
+        if len(users) > 1 and node.target in _PAD_FUNCTIONS_AND_STRIPS:
+            return _reaches_only(node, target)
         if len(users) != 1:
             return False
         node = users[0]
     return False
+
+
+_STRIP_OPS = frozenset(
+    {torch.ops.aten.slice.Tensor, torch.ops.aten.slice_scatter.default, torch.ops.aten.copy.default}
+)
+_PAD_FUNCTIONS_AND_STRIPS = _STRIP_OPS | {
+    F.pad,
+    torch.ops.aten.pad.default,
+    torch.ops.aten.constant_pad_nd.default,
+}
+
+
+def _reaches_only(pad: Node, target: Node) -> bool:
+    """Whether a padded value reaches nobody but ``target`` through the slices, copies and
+    scatters export writes a border with (a functional graph: each of them only makes values
+    that flow on, towards ``target``)."""
+    seen: set[Node] = set()
+    frontier = [pad]
+    while frontier:
+        node = frontier.pop()
+        if node is target or node in seen:
+            continue
+        seen.add(node)
+        users = value_users(node)
+        if len(seen) > 256 or not users:
+            return False
+        if node is not pad and node.target not in _STRIP_OPS:
+            return False
+        frontier.extend(users)
+    return True
+
+
+def _writes_into(user: Node, node: Node) -> bool:
+    """Whether ``user`` only writes into ``node`` and is read by nobody: ``node[i] = v``
+    (symbolic tracing), ``copy_(aten.slice(node, …), v)`` (torch.export's training IR), or
+    ``copy(aten.slice(node, …), v)`` (functionalized: the slice gives only its shape)."""
+    if user.target is operator.setitem:
+        return user.args[0] is node and not user.users
+    if user.target is not torch.ops.aten.slice.Tensor or user.args[0] is not node:
+        return False
+    if len(user.users) != 1:
+        return False
+    (copy,) = user.users
+    if copy.target is torch.ops.aten.copy_.default:
+        return copy.args[0] is user and not copy.users
+    # the functional form: copy(strip, v) takes only the strip's shape (its values are v's)
+    return copy.target is torch.ops.aten.copy.default and copy.args[0] is user
 
 
 def as_chain(node: Node, ctx: Resolver) -> Chain | Refusal | None:
@@ -964,6 +1010,9 @@ def channels_of(node: Node, ctx: Resolver) -> int | None:
             reader = as_layer(user, ctx) if _reads_directly(user, ctx) else None
             if isinstance(reader, Layer) and reader.geometry is not None and not reader.label:
                 return reader.in_channels
+    found = _read_through_pads(node, ctx)
+    if found is not None:
+        return found
     for _ in range(64):
         layer = as_layer(node, ctx)
         if isinstance(layer, Layer):
@@ -983,10 +1032,41 @@ def channels_of(node: Node, ctx: Resolver) -> int | None:
     return None
 
 
+_PADS_AND_CROPS = frozenset(
+    {
+        "getitem",
+        "pad",
+        "constant_pad_nd",
+        "slice",
+    }
+)
+
+
+def _read_through_pads(node: Node, ctx: Resolver) -> int | None:
+    """The input channels of a conv that reads ``node`` through pads and crops its view
+    peels back to ``node`` (so they are spatial: the channels are ``node``'s)."""
+    frontier, seen = list(node.users), 0
+    while frontier and seen < 16:
+        user = frontier.pop()
+        seen += 1
+        if user.op not in ("call_module", "call_function"):
+            continue
+        if _reads_directly(user, ctx):
+            reader = as_layer(user, ctx)
+            if isinstance(reader, Layer) and reader.input is node and not reader.label:
+                return reader.in_channels
+        elif user.op == "call_function" and target_name(user) in _PADS_AND_CROPS:
+            frontier.extend(user.users)
+    return None
+
+
 def _reads_directly(node: Node, ctx: Resolver) -> bool:
-    """A conv module or function (whose view does not itself ask for channels)."""
+    """A conv module or function, or a conv fxfuse built (views that do not themselves ask
+    for channels)."""
     if node.op == "call_module":
         return isinstance(ctx.module(str(node.target)), _ConvNd)
+    if node.target is fused_layer:
+        return isinstance(node.args[1], FusedLayer) and node.args[1].kind == "conv"
     return node.target in CONV_FUNCTIONS or node.target is aten.convolution.default
 
 

@@ -105,14 +105,16 @@ class LayerBatchNorm(Match):
     layer: Layer | None  # None: the batch norm reads something no layer can absorb
     bn: Affine
     reshape: Node | None = None  # a reshape between them that keeps the features last
+    refused: str | None = None  # why the reshape between them may move the features
 
 
 _RESHAPES = frozenset({"flatten", "reshape", "view"})
 
 
-def _feature_reshape(node: Node, ctx: RewriteContext) -> tuple[Layer, Node] | None:
+def _feature_reshape(node: Node, ctx: RewriteContext) -> tuple[Layer, Node, str | None] | None:
     """``node = reshape(linear(x))`` that keeps the features as the last dim, only user of the
-    linear layer's output: LeViT's ``bn(linear(x).flatten(0, 1))``."""
+    linear layer's output: LeViT's ``bn(linear(x).flatten(0, 1))``; with the reason where the
+    program does not show that it keeps them."""
     if node.op not in ("call_method", "call_function") or target_name(node) not in _RESHAPES:
         return None
     if not node.args or not isinstance(node.args[0], Node):
@@ -124,14 +126,21 @@ def _feature_reshape(node: Node, ctx: RewriteContext) -> tuple[Layer, Node] | No
     if args is not None:
         rank = ctx.rank(layer.node)
         end = args["end_dim"]
+        if rank is None and isinstance(end, int) and end >= 0:
+            return (
+                layer,
+                node,
+                f"{node.name} keeps the {layer.describe()}'s features last only for some ranks "
+                "of its input, and the program does not fix that rank",
+            )
         if rank is None or not isinstance(end, int) or end % rank == rank - 1:
             return None
-        return layer, node
+        return layer, node, None
     shape = node.args[1:]
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
     if shape and shape[-1] == layer.out_channels:
-        return layer, node
+        return layer, node, None
     return None
 
 
@@ -150,7 +159,8 @@ class FoldBn(Rule[LayerBatchNorm]):
         if layer is not None:
             yield LayerBatchNorm(node, layer=layer, bn=bn, absorbed=[layer.node])
         elif reshaped is not None:
-            yield LayerBatchNorm(node, layer=reshaped[0], bn=bn, reshape=reshaped[1])
+            layer, reshape, refused = reshaped
+            yield LayerBatchNorm(node, layer=layer, bn=bn, reshape=reshape, refused=refused)
         elif ctx.combination(bn.input) is None:  # a sum is fold-bn-into-branches' to explain
             yield LayerBatchNorm(node, layer=None, bn=bn)
 
@@ -158,6 +168,8 @@ class FoldBn(Rule[LayerBatchNorm]):
         layer, bn = match.layer, match.bn
         if bn.fixed is not None:
             return bn.fixed
+        if match.refused is not None:
+            return match.refused
         if layer is None:
             refused = ctx.refusal(bn.input)
             if refused is not None:

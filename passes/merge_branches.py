@@ -393,9 +393,10 @@ def _classify(
             "so it cannot disappear into the merged conv"
         )
         return Term(coefficient, node, node, diagonal=_IDENTITY), (bn.input, why)
-    refused = ctx.refusal(node)  # a layer or batch norm its view cannot read, and why
-    if refused is not None and node.args and isinstance(node.args[0], Node):
-        return Term(coefficient, node, node, diagonal=_IDENTITY), (node.args[0], refused)
+    refused = ctx.refusal(node)  # an op fxfuse knows but cannot read as a map: say why
+    source = next((a for a in node.args if isinstance(a, Node)), None)
+    if refused is not None and source is not None:
+        return Term(coefficient, node, node, diagonal=_IDENTITY), (source, refused)
     return Term(coefficient, node, node, diagonal=_IDENTITY), None
 
 

@@ -31,7 +31,8 @@ def _check(spec: BlockSpec, dtype: torch.dtype, tolerance: float) -> None:
             error = relative_error(block(x), fused(x))
         assert error <= tolerance, f"error {error:.3g} at input {tuple(x.shape)}"
     before, after = count_ops(block, x), count_ops(fused, x)
-    assert after["conv"] <= before["conv"]
+    pools = sum(before[f"avg_pool{n}d"] for n in (1, 2, 3))
+    assert after["conv"] <= before["conv"] + pools  # (a pool is a conv with a constant kernel)
     rules = {d.rule for d in fused.fxfuse_report.declines}
     assert after["conv"] == 1 or "merge-branches" in rules, "convs left and no reason given"
     assert after["batch_norm"] == 0 or rules, "batch norms left and no reason given"
@@ -73,7 +74,8 @@ def test_drawn_models_fuse_exactly_converge_and_stay_fused(
             error = relative_error(model(x), fused(x))
         assert error <= 1e-10, f"error {error:.3g} at input {tuple(x.shape)}"
     before, after = count_ops(model, x), count_ops(fused, x)
-    assert after["conv"] <= before["conv"]
+    pools = sum(before[f"avg_pool{n}d"] for n in (1, 2, 3))
+    assert after["conv"] <= before["conv"] + pools  # (a pool is a conv with a constant kernel)
     assert after["batch_norm"] == 0 or report.declines, "batch norms left and no reason given"
     again = fxfuse.optimize(fused)  # idempotent: a second run finds nothing to do
     assert not again.fxfuse_report.rewrites

@@ -6,7 +6,9 @@ construction (groups are drawn first and channels as multiples; nothing is filte
   kernels 1, 1×k, k×1 and k×k (k ≤ 7; 1-d and 3-d too), dilation, stride, groups (per branch,
   each a divisor of the block's), explicit ``F.pad``/crop or conv padding, padding modes,
   optional batch norms, constant scales, identity and batch-norm-only branches, and an
-  optional batch norm after the sum.
+  optional batch norm after the sum. Branches may also be the structures of DBB and its
+  kin: a batch norm *before* the conv, a 1×1 conv (and batch norm) before it (``1×1 → k×k``),
+  the conv split in two whose outputs are concatenated, or an average pool.
 - :func:`model_specs` / :func:`models`: blocks stacked into a whole model (channels chain from
   one block to the next), with activations, eval-mode dropout and an optional linear head.
 - :func:`model_inputs`, :func:`inputs_like`: inputs a model accepts — batch 1…4, spatial sizes
@@ -81,7 +83,7 @@ class BranchSpec:
     ``F.pad``/slice in front of it. ``groups`` is the conv's (``None``: the block's).
     """
 
-    kind: str  # "conv" | "identity" | "batch_norm"
+    kind: str  # "conv" | "identity" | "batch_norm" | "pool" (an average pool)
     kernel: tuple[int, ...] = (1, 1)
     dilation: tuple[int, ...] = (1, 1)
     padding: tuple[tuple[int, int], ...] = ((0, 0), (0, 0))
@@ -91,6 +93,9 @@ class BranchSpec:
     bias: bool = False
     scale: float | str | None = None  # a float, "channel" (a [C, 1, …] buffer) or None
     groups: int | None = None
+    pre_batch_norm: bool = False  # a batch norm on the input, before the conv
+    chain: str | None = None  # a 1×1 conv before the conv: "conv", or "conv-bn" (then a BN)
+    concat: bool = False  # the conv as two, their outputs concatenated on channels
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ def _conv_branch(
     mode: str,
     max_kernel: int,
     groups: int,
+    out_channels: int = 1,
 ) -> BranchSpec:
     ndim = len(size_offset)
     # a full k×…×k kernel, a 1×…×1 one, or a line (1×k, k×1: ACNet's) along one dim
@@ -145,6 +151,17 @@ def _conv_branch(
     symmetric = all(left == right >= 0 for left, right in padding)
     # mostly the block's groups; sometimes a divisor of it (the merge then needs a denser conv)
     branch_groups = draw(st.sampled_from([groups] * 3 + _divisors(groups)[:-1]))
+    # what the conv reads in its border: a map before it folds into it only where that is its
+    # image of zero, so a batch norm before it (or between a 1×1 and it) is drawn only where
+    # it reads no zeros (no padding, or a copying mode); and neither stays outside a circular
+    # padding of a cropped dim, which is not one padding of the input (the pad stays between)
+    zeros = mode == "zeros" and any(a > 0 for pair in padding for a in pair)
+    barrier = mode == "circular" and any(a < 0 for pair in padding for a in pair)
+    extras = ["none"] * 4 + ["concat"] + ([] if barrier else ["pre-bn", "chain"])
+    extra = draw(st.sampled_from(extras))
+    chain = None
+    if extra == "chain":
+        chain = draw(st.sampled_from(["conv"] if zeros else ["conv", "conv-bn"]))
     return BranchSpec(
         "conv",
         kernel,
@@ -152,10 +169,39 @@ def _conv_branch(
         tuple(padding),
         mode,
         conv_padding=symmetric and draw(st.booleans()),
-        batch_norm=draw(st.booleans()),
+        # (a batch norm after a concatenation folds only once merge-concat has made it one
+        # layer: later than its siblings merge, and greedy pairwise merges then differ from a
+        # second run's; see the report of issue 11)
+        batch_norm=extra != "concat" and draw(st.booleans()),
         bias=draw(st.booleans()),
         scale=draw(st.sampled_from([None, None, -0.5, 2.0, "channel"])),
-        groups=branch_groups,
+        groups=1 if extra == "concat" else branch_groups,
+        pre_batch_norm=extra == "pre-bn" and not zeros,
+        chain=chain,
+        concat=extra == "concat" and out_channels >= 2,
+    )
+
+
+@st.composite
+def _pool_branch(draw: st.DrawFn, size_offset: tuple[int, ...]) -> BranchSpec | None:
+    """An average pool whose output has the block's size: ``n + 2p − k = offset`` per dim,
+    ``p ≤ k // 2`` (torch's bound), counting the padding in (a constant kernel)."""
+    kernel, padding = [], []
+    for offset in size_offset:
+        choices = [k for k in (1, 2, 3, 4, 5) if (offset + k) % 2 == 0 and 0 <= offset + k <= k]
+        if not choices:
+            return None
+        k = draw(st.sampled_from(choices))
+        kernel.append(k)
+        padding.append(((offset + k) // 2, (offset + k) // 2))
+    ndim = len(size_offset)
+    return BranchSpec(
+        "pool",
+        tuple(kernel),
+        (1,) * ndim,
+        tuple(padding),
+        batch_norm=draw(st.booleans()),
+        scale=draw(st.sampled_from([None, 0.5, "channel"])),
     )
 
 
@@ -197,15 +243,20 @@ def block_specs(
     size_offset = draw(st.sampled_from(_SIZE_OFFSETS[ndim]))
     mode = draw(st.sampled_from(padding_modes))
     kernel_limit = min(max_kernel, 3) if ndim == 3 else max_kernel
-    branches = [draw(_conv_branch(size_offset, mode, kernel_limit, groups))]
+    conv = _conv_branch(size_offset, mode, kernel_limit, groups, out_channels)
+    branches = [draw(conv)]
     for _ in range(draw(st.integers(0, max_branches - 1))):
-        branches.append(draw(_conv_branch(size_offset, mode, kernel_limit, groups)))
+        branches.append(draw(conv))
     if in_channels == out_channels and stride == 1 and all(o == -1 for o in size_offset):
         for kind in draw(st.lists(st.sampled_from(["identity", "batch_norm"]), max_size=2)):
             scale = draw(st.sampled_from([None, 0.5, "channel"]))
             branches.append(
                 BranchSpec(kind, (1,) * ndim, (1,) * ndim, ((0, 0),) * ndim, scale=scale)
             )
+    if in_channels == out_channels and draw(st.integers(0, 3)) == 0:
+        pool = draw(_pool_branch(size_offset))
+        if pool is not None:
+            branches.append(pool)
     order = draw(st.permutations(range(len(branches))))
     min_size = 2 + max(
         sum(max(a, 0) for a in pair) + b.dilation[i] * (b.kernel[i] - 1) + 1
@@ -238,21 +289,41 @@ class Branch(nn.Module):
         self.spec = spec
         ndim = len(spec.kernel)
         channels = block.out_channels
+        self.stride = block.stride
         self.conv: nn.Module | None = None
+        self.halves: nn.ModuleList | None = None
         self.bn: nn.Module | None = None
+        self.pre_bn = _BATCH_NORMS[ndim](block.in_channels) if spec.pre_batch_norm else None
+        self.pointwise: nn.Module | None = None
+        self.chain_bn: nn.Module | None = None
+        groups = spec.groups or block.groups
+        if spec.chain is not None:
+            self.pointwise = _CONVS[ndim](
+                block.in_channels, block.in_channels, 1, groups=groups, bias=False
+            )
+            if spec.chain == "conv-bn":
+                self.chain_bn = _BATCH_NORMS[ndim](block.in_channels)
         if spec.kind == "conv":
             own = tuple(left for left, _ in spec.padding) if spec.conv_padding else 0
-            self.conv = _CONVS[ndim](
-                block.in_channels,
-                channels,
-                spec.kernel,
-                block.stride,
-                own,
-                spec.dilation,
-                spec.groups or block.groups,
-                spec.bias,
-                spec.padding_mode if spec.conv_padding else "zeros",
-            )
+            split = (channels // 2, channels - channels // 2) if spec.concat else (channels,)
+            convs = [
+                _CONVS[ndim](
+                    block.in_channels,
+                    part,
+                    spec.kernel,
+                    block.stride,
+                    own,
+                    spec.dilation,
+                    groups,
+                    spec.bias,
+                    spec.padding_mode if spec.conv_padding else "zeros",
+                )
+                for part in split
+            ]
+            if spec.concat:
+                self.halves = nn.ModuleList(convs)
+            else:
+                self.conv = convs[0]
         if spec.batch_norm or spec.kind == "batch_norm":
             self.bn = _BATCH_NORMS[ndim](channels)
         if spec.scale == "channel":
@@ -262,7 +333,17 @@ class Branch(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         spec = self.spec
-        if self.conv is not None and not spec.conv_padding:
+        if spec.kind == "pool":
+            pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(spec.kernel) - 1]
+            padding = tuple(left for left, _ in spec.padding)
+            x = pool(x, spec.kernel, self.stride, padding)  # type: ignore[operator]
+        if self.pre_bn is not None:
+            x = self.pre_bn(x)
+        if self.pointwise is not None:
+            x = self.pointwise(x)
+            if self.chain_bn is not None:
+                x = self.chain_bn(x)
+        if spec.kind == "conv" and not spec.conv_padding:
             crops = tuple(
                 slice(-min(left, 0), min(right, 0) or None) for left, right in spec.padding
             )
@@ -274,6 +355,8 @@ class Branch(nn.Module):
                 x = F.pad(x, grow, mode=mode)
         if self.conv is not None:
             x = self.conv(x)
+        elif self.halves is not None:
+            x = torch.cat([conv(x) for conv in self.halves], dim=1)
         if self.bn is not None:
             x = self.bn(x)
         if self.scale is not None:
