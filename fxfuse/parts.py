@@ -219,6 +219,8 @@ class _Assembly:
         self._record_calls(module, path)
         children: dict[str, nn.Module | None] = {}
         ops = NO_OPS
+        alone: list[str] = []  # convs and batch norms its Python code calls one by one
+        norms = 0
         for name, child in module._modules.items():
             if child is None:
                 children[name] = None
@@ -226,12 +228,20 @@ class _Assembly:
                 children[name] = self.build(child, _join(path, name), in_python=True)
             elif default_leaf(child):  # a torch.nn layer its code calls: copied as it is
                 children[name] = _copy(child, self.memo, _join(path, name), self.notes)
-                ops = ops + _layer_stats(child)
+                stats = _layer_stats(child)
+                ops = ops + stats
+                alone += [name] if stats.convs + stats.batch_norms else []
+                norms += stats.batch_norms
             elif _used_as_sequence(type(module), name, child):
                 why = "its parent's code uses it as a sequence, not by calling it"
                 children[name] = self.python(child, _join(path, name), why, "")
             else:
                 children[name] = self.build(child, _join(path, name), in_python=True)
+        if norms:  # (a conv alone has nothing to fuse with)
+            self.notes.append(
+                f"{path or 'the model'}: {', '.join(alone)} not fused: Python code calls"
+                " them one by one (only layers a traced forward calls together fuse)"
+            )
         copy_shell(module, children, self.memo, self.notes, target=path, shell=shell)
         own = sum(p.numel() for p in module.parameters(recurse=False))
         ops = replace(ops, parameters=ops.parameters + own)
