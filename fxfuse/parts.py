@@ -23,10 +23,11 @@ One deep-copy memo serves the whole result, so a tensor two parts share stays sh
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import logging
-import re
+import textwrap
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -220,6 +221,8 @@ class _Assembly:
         self._record_calls(module, path)
         children: dict[str, nn.Module | None] = {}
         ops = NO_OPS
+        alone: list[str] = []  # convs and batch norms its Python code calls one by one
+        norms = 0
         for name, child in module._modules.items():
             if child is None:
                 children[name] = None
@@ -227,12 +230,20 @@ class _Assembly:
                 children[name] = self.build(child, _join(path, name), in_python=True)
             elif default_leaf(child):  # a torch.nn layer its code calls: copied as it is
                 children[name] = _copy(child, self.memo, _join(path, name), self.notes)
-                ops = ops + _layer_stats(child)
+                stats = _layer_stats(child)
+                ops = ops + stats
+                alone += [name] if stats.convs + stats.batch_norms else []
+                norms += stats.batch_norms
             elif _used_as_sequence(type(module), name, child):
                 why = "its parent's code uses it as a sequence, not by calling it"
                 children[name] = self.python(child, _join(path, name), why, "")
             else:
                 children[name] = self.build(child, _join(path, name), in_python=True)
+        if norms:  # (a conv alone has nothing to fuse with)
+            self.notes.append(
+                f"{path or 'the model'}: {', '.join(alone)} not fused: Python code calls"
+                " them one by one (only layers a traced forward calls together fuse)"
+            )
         copy_shell(module, children, self.memo, self.notes, target=path, shell=shell)
         own = sum(p.numel() for p in module.parameters(recurse=False))
         ops = replace(ops, parameters=ops.parameters + own)
@@ -351,18 +362,45 @@ def _used_as_sequence(parent: type, name: str, child: nn.Module) -> bool:
 @functools.cache
 def _uses(parent: type) -> dict[str, bool]:
     """For each ``self.name`` in ``parent``'s own code (not ``torch.nn``'s): whether some use
-    is neither a call nor an assignment to it."""
+    is neither a call nor an assignment to it. ``self`` is whatever each method names its
+    first parameter (``def forward(s, x)`` reads ``s.body``)."""
     uses: dict[str, bool] = {}
     for klass in parent.__mro__:
         if klass.__module__.startswith("torch.nn") or klass is object:
             continue
         try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
             return {}
-        for match in re.finditer(r"self\.(\w+)\b(\s*(?:\(|=(?!=)))?", source):
-            uses[match[1]] = uses.get(match[1], False) or match[2] is None
+        for method in _methods(tree):
+            for name, plain in _attribute_uses(method):
+                uses[name] = uses.get(name, False) or plain
     return uses
+
+
+def _methods(tree: ast.Module) -> Iterable[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """The functions defined directly in the class of ``tree`` (static methods aside: they
+    have no instance to read)."""
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            static = any(
+                isinstance(d, ast.Name) and d.id == "staticmethod" for d in node.decorator_list
+            )
+            if not static and (node.args.posonlyargs or node.args.args):
+                yield node
+
+
+def _attribute_uses(method: ast.FunctionDef | ast.AsyncFunctionDef) -> Iterable[tuple[str, bool]]:
+    """``(name, plain)`` for each ``self.name`` in ``method`` (nested code included), where
+    ``self`` is its first parameter; ``plain``: neither called nor assigned to."""
+    instance = (method.args.posonlyargs or method.args.args)[0].arg
+    called = {id(node.func) for node in ast.walk(method) if isinstance(node, ast.Call)}
+    for node in ast.walk(method):
+        if not isinstance(node, ast.Attribute) or not isinstance(node.value, ast.Name):
+            continue
+        if node.value.id == instance:
+            yield node.attr, id(node) not in called and not isinstance(node.ctx, ast.Store)
 
 
 def _report(module: nn.Module) -> FusionReport:

@@ -523,6 +523,147 @@ def test_the_capture_error_is_one_line_and_the_hint_that_applies() -> None:
     assert "--debug" in info.value.cli_hint and "leaf_modules" not in info.value.cli_hint
 
 
+# -- torch.nn containers under a module kept as Python ------------------------------------------
+
+
+def _conv_bn(c: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2), nn.BatchNorm2d(c))
+
+
+class FlipsOnSign(nn.Module):
+    """Python on a value around two plain ``Sequential(conv, BN)``; its methods name their
+    instance ``s``, not ``self``."""
+
+    def __init__(s) -> None:  # (the instance's name is what is tested)
+        super().__init__()
+        s.body, s.head = _conv_bn(4, 3), _conv_bn(4, 1)
+
+    def forward(s, x: Tensor) -> Tensor:
+        if x.sum() > 0:
+            x = -x
+        return s.head(s.body(x))
+
+
+def _state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_sequentials_under_python_are_fused_parts(example: bool) -> None:
+    torch.manual_seed(0)
+    model = randomize_batch_norms(FlipsOnSign().double().eval())
+    state, layers = _state(model), list(model.modules())
+    xs = [torch.randn(2, 4, 7, 6, dtype=torch.float64), -torch.rand(1, 4, 5, 5).double()]
+    fused = fxfuse.optimize(model, (xs[0],) if example else None)
+    for x in xs:  # both sides of the branch
+        _assert_exact(model, fused, x)
+    assert (count_ops(model, xs[0])["conv"], count_ops(model, xs[0])["batch_norm"]) == (2, 2)
+    assert (count_ops(fused, xs[0])["conv"], count_ops(fused, xs[0])["batch_norm"]) == (2, 0)
+    kinds = {p.path: p.kind for p in fused.fxfuse_report.parts}
+    assert kinds == {"": "python", "body": "graph", "head": "graph"}
+    assert isinstance(fused, FlipsOnSign) and fused.body is not model.body
+    assert list(model.modules()) == layers and model.training is False
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+class SeparateConvBN(nn.Module):
+    """Near miss: its conv and BN are called one by one from Python (a test between them),
+    so they cannot fold; the ``Sequential`` after them still fuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = (
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            _conv_bn(4, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        if y.sum() > 0:
+            y = -y
+        return self.head(self.bn(y))
+
+
+def test_layers_python_calls_one_by_one_stay_and_the_report_says_why() -> None:
+    torch.manual_seed(0)
+    model = randomize_batch_norms(SeparateConvBN().double().eval())
+    fused = fxfuse.optimize(model)
+    x = torch.randn(1, 4, 5, 6, dtype=torch.float64)
+    _assert_exact(model, fused, x)
+    assert (count_ops(fused, x)["conv"], count_ops(fused, x)["batch_norm"]) == (2, 1)
+    report = fused.fxfuse_report
+    assert {p.path: p.kind for p in report.parts} == {"": "python", "head": "graph"}
+    assert (report.after.convs, report.after.batch_norms) == (2, 1)
+    assert any("conv, bn not fused: Python code calls them one by one" in n for n in report.notes)
+    assert "conv, bn not fused" in str(report)
+
+
+class IteratesItsBody(nn.Module):
+    """Near miss: Python walks the ``Sequential`` itself (``m.body``, whatever the instance is
+    called), so each layer stays a module of its own."""
+
+    def __init__(m) -> None:
+        super().__init__()
+        m.body, m.head = _conv_bn(4, 3), _conv_bn(4, 1)
+
+    def forward(m, x: Tensor) -> Tensor:
+        for layer in m.body:
+            x = layer(x)
+            if x.sum() > 0:
+                x = -x
+        return m.head(x)
+
+
+def test_a_sequential_python_iterates_stays_python() -> None:
+    torch.manual_seed(0)
+    model = randomize_batch_norms(IteratesItsBody().double().eval())
+    fused = fxfuse.optimize(model)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    _assert_exact(model, fused, x)
+    assert (count_ops(fused, x)["conv"], count_ops(fused, x)["batch_norm"]) == (2, 1)
+    parts = {p.path: p for p in fused.fxfuse_report.parts}
+    assert {k: p.kind for k, p in parts.items()} == {
+        "": "python",
+        "body": "python",
+        "head": "graph",
+    }
+    assert "uses it as a sequence" in parts["body"].reason
+    assert isinstance(fused.body[0], nn.Conv2d) and fused.body[0] is not model.body[0]
+
+
+class Stages(nn.Module):
+    """A ``ModuleList`` of plain ``Sequential`` stages that Python iterates, testing a value
+    between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            for _ in range(3)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            x = stage(x)
+            if x.mean() > 1:
+                x = x / 2
+        return x
+
+
+def test_sequentials_in_a_module_list_python_iterates_are_fused() -> None:
+    torch.manual_seed(0)
+    model = randomize_batch_norms(Stages().double().eval())
+    fused = fxfuse.optimize(model)
+    for x in (torch.randn(1, 4, 5, 5, dtype=torch.float64), 3 + torch.rand(2, 4, 6, 4).double()):
+        _assert_exact(model, fused, x)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert (count_ops(fused, x)["conv"], count_ops(fused, x)["batch_norm"]) == (3, 0)
+    kinds = {p.path: p.kind for p in fused.fxfuse_report.parts}
+    assert kinds == {"": "python", "stages": "python", **{f"stages.{i}": "graph" for i in range(3)}}
+    assert all(s is not o for s, o in zip(fused.stages, model.stages, strict=True))
+
+
 class CachesPerDevice(nn.Module):
     """Fills a dict in ``forward`` (timm's attention caches its biases per device so)."""
 
