@@ -207,45 +207,46 @@ class Fingerprint:
     ROW = 256
 
     def __init__(self, tensors: Sequence[Tensor]):
-        # per group (device, dtype): its length, and per tensor: (group, offset, rows) where a
-        # large tensor's row sums, then column sums, start at offset; small values go last
-        self._plan: list[tuple[tuple[torch.device, torch.dtype], int, int]] = []
-        self._sizes: dict[tuple[torch.device, torch.dtype], int] = {}
-        small: dict[tuple[torch.device, torch.dtype], int] = {}
-        for t in tensors:
+        Key = tuple[torch.device, torch.dtype]
+        # large tensors: (index, group, offset, rows): row sums, then column sums, at offset;
+        # small ones: per group, (index, whether it needs a cast or a reshape), after those
+        self._large: list[tuple[int, Key, int, int]] = []
+        self._small: dict[Key, list[tuple[int, bool]]] = {}
+        self._sizes: dict[Key, int] = {}
+        count: dict[Key, int] = {}
+        for i, t in enumerate(tensors):
             key = (t.device, _summary_dtype(t.dtype))
             rows = t.numel() // self.ROW if t.numel() >= 4 * self.ROW else 0
-            offset = self._sizes.get(key, 0)
-            self._plan.append((key, offset, rows))
-            self._sizes[key] = offset + (rows + self.ROW if rows else 0)
-            small[key] = small.get(key, 0) + t.numel() - rows * self.ROW
-        self._small_at = dict(self._sizes)
-        for key, n in small.items():
-            self._sizes[key] += n
+            self._small.setdefault(key, [])
+            if rows:
+                self._large.append((i, key, self._sizes.get(key, 0), rows))
+                self._sizes[key] = self._sizes.get(key, 0) + rows + self.ROW
+            else:
+                self._small[key].append((i, t.dtype != key[1] or t.dim() != 1))
+            count[key] = count.get(key, 0) + t.numel() - rows * self.ROW
+        self._small_at = {key: self._sizes.get(key, 0) for key in self._small}
+        for key, n in count.items():
+            self._sizes[key] = self._small_at[key] + n
 
     def __call__(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """The summary of ``tensors`` (the same shapes, dtypes and devices as planned)."""
         summary = {
             key: torch.empty(size, device=key[0], dtype=key[1]) for key, size in self._sizes.items()
         }
-        small: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {k: [] for k in summary}
         with torch.no_grad():
-            for t, (key, offset, rows) in zip(tensors, self._plan, strict=True):
-                flat = t.detach()
-                if flat.dtype != key[1]:
-                    flat = flat.to(key[1])
-                if flat.dim() != 1:
-                    flat = flat.reshape(-1)
-                if rows:
-                    body = rows * self.ROW
-                    matrix = flat[:body].view(rows, self.ROW)
-                    out = summary[key]
-                    torch.sum(matrix, 1, out=out[offset : offset + rows])
-                    torch.sum(matrix, 0, out=out[offset + rows : offset + rows + self.ROW])
-                    if body < flat.numel():
-                        small[key].append(flat[body:])
-                else:
-                    small[key].append(flat)
+            small = {
+                key: [_flat(tensors[i], key[1]) if reshape else tensors[i] for i, reshape in items]
+                for key, items in self._small.items()
+            }
+            for i, key, offset, rows in self._large:
+                flat = _flat(tensors[i], key[1])
+                body = rows * self.ROW
+                matrix = flat[:body].view(rows, self.ROW)
+                out = summary[key]
+                torch.sum(matrix, 1, out=out[offset : offset + rows])
+                torch.sum(matrix, 0, out=out[offset + rows : offset + rows + self.ROW])
+                if body < flat.numel():
+                    small[key].append(flat[body:])
             for key, values in small.items():
                 if values:
                     torch.cat(values, out=summary[key][self._small_at[key] :])
@@ -254,6 +255,11 @@ class Fingerprint:
     @staticmethod
     def same(a: Sequence[Tensor] | None, b: Sequence[Tensor]) -> bool:
         return a is not None and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
+    flat = t.detach().reshape(-1)
+    return flat if flat.dtype == dtype else flat.to(dtype)
 
 
 def _summary_dtype(dtype: torch.dtype) -> torch.dtype:
