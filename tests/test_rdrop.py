@@ -521,9 +521,12 @@ def test_inputs_of_different_batch_sizes_are_refused() -> None:
         twin(torch.randn(3, 4), torch.randn(5, 4))
 
 
-def test_random_numbers_drawn_while_tracing_are_refused() -> None:
-    with pytest.raises(CaptureError, match=r"aten\.rand at .* draws random numbers from no input"):
-        fxfuse.rdrop(Fn(lambda m, x: x * torch.rand(1, 4)))
+def test_random_numbers_drawn_from_no_input_are_recorded_and_refused_as_shared() -> None:
+    # tracing records the draw (it used to run once, at trace time); drawn once per call for
+    # the doubled batch, both copies would share it: the batch audit refuses
+    twin = fxfuse.rdrop(Fn(lambda m, x: x * torch.rand(1, 4)))
+    with pytest.raises(BatchError, match=r"aten\.rand draws random numbers for a 1×4 tensor"):
+        twin(torch.randn(3, 4))
 
 
 def test_hooks_on_a_traced_through_module_are_refused_unless_kept_whole() -> None:
