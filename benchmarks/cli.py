@@ -4,6 +4,8 @@
 prints where ``optimize`` spends its time (cProfile, per phase); ``equivalence`` prints the
 README's model table (ops executed, errors, parameters; fxfuse beside timm's converter).
 ``live`` times the compile backend's live weights against fused ones (per-call cost).
+``convert`` times ``optimize`` (per phase) against timm's converter on the timm
+re-parameterizable families, and the converted models' per-call cost at batch 1.
 ``rdrop`` times one R-Drop training step with ``fxfuse.rdrop``'s twin against two forward
 passes, and their peak memory. ``--quick`` is the short run (a few minutes on 2 cores): four
 models, 10 rounds, 10/100/1,000 blocks. The 10,000-block point is its own command::
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import (
+    convert,
     equivalence,
     latency,
     live_weights,
@@ -82,6 +85,13 @@ def run_profile(args: argparse.Namespace) -> None:
         save_section(args.json, f"profile_{blocks}", profile.run(blocks))
 
 
+def run_convert(args: argparse.Namespace) -> None:
+    env = machine("cpu")
+    result = convert.run(args.models or convert.MODELS, rounds=args.rounds or 5)
+    env["load_average_after"] = machine("cpu")["load_average"]
+    save_section(args.json, "convert", {"machine": env, "models": result})
+
+
 def run_live(args: argparse.Namespace) -> None:
     env = machine("cpu")
     result = live_weights.run(args.models or live_weights.MODELS, rounds=args.rounds or 20)
@@ -127,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="all",
         choices=["all", "latency", "scaling", "memory", "profile", "plot", "markdown",
-                 "equivalence", "live", "rdrop"],
+                 "equivalence", "live", "rdrop", "convert"],
     )
     parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
     parser.add_argument("--models", nargs="+", metavar="SPEC", help="model specs to measure")
@@ -170,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scaling": run_scaling,
         "memory": run_memory,
         "profile": run_profile,
+        "convert": run_convert,
         "live": run_live,
         "rdrop": run_rdrop,
         "markdown": lambda a: None,

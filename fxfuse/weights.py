@@ -166,6 +166,8 @@ def reciprocal(a: Weight) -> Weight:
 
 @functools.lru_cache(maxsize=1024)
 def _scalar(value: float) -> Const:
+    if value == 1.0:
+        return Const(kernels.ONE)  # (kernels skip multiplying by this very tensor)
     return Const(torch.tensor(value, dtype=torch.float64))
 
 
