@@ -136,8 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="all",
-        choices=["all", "latency", "scaling", "memory", "profile", "plot", "markdown",
-                 "equivalence", "live", "rdrop", "convert"],
+        choices=[
+            "all",
+            "latency",
+            "scaling",
+            "memory",
+            "profile",
+            "plot",
+            "markdown",
+            "equivalence",
+            "live",
+            "rdrop",
+            "convert",
+        ],
     )
     parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
     parser.add_argument("--models", nargs="+", metavar="SPEC", help="model specs to measure")

@@ -39,7 +39,7 @@ MODELS = [
 ]
 
 
-def _median_time(fn: Callable[[], Any]) -> float:
+def _seconds(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -66,7 +66,7 @@ def measure(spec: str, rounds: int, call_rounds: int) -> dict[str, Any]:
     fused: nn.Module | None = None
     converted: nn.Module | None = None
     for r in range(rounds):
-        for name in (["fxfuse", "timm"] if r % 2 == 0 else ["timm", "fxfuse"]):
+        for name in ["fxfuse", "timm"] if r % 2 == 0 else ["timm", "fxfuse"]:
             fused = converted = None  # (the previous round's results: freed before timing)
             gc.collect()
             start = time.perf_counter()
@@ -98,7 +98,7 @@ def measure(spec: str, rounds: int, call_rounds: int) -> dict[str, Any]:
             for r in range(call_rounds):
                 order = [("fxfuse", fused), ("timm", converted)]
                 for name, m in order if r % 2 == 0 else order[::-1]:
-                    calls[name].append(_median_time(lambda m=m: m(x)))
+                    calls[name].append(_seconds(lambda m=m, x=x: m(x)))
         fx_ms = statistics.median(calls["fxfuse"]) * 1e3
         timm_ms = statistics.median(calls["timm"]) * 1e3
         result[f"call_{label}"] = {

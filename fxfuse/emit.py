@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
 
 from fxfuse import kernels
+from fxfuse.asserts import drop_proven_rank_asserts
 from fxfuse.effects import Effects
 from fxfuse.geometry import Geometry, pad_calls, pad_with_value
 from fxfuse.maps import FusedLayer, fused_layer
@@ -520,6 +521,9 @@ def emit(
     graph.owning_module = None
     if effects is None:
         effects = Effects(graph, resolve, lambda n: _held(n, resolve, created))
+    drop_proven_rank_asserts(
+        graph, lambda target: created[target] if target in created else resolve(target), effects
+    )
     _drop_dead_pure_nodes(graph, effects)
     targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
     owned: dict[str, Any] = {t: created[t] for t in targets if t in created}

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ONE",
     "MergedWindow",
     "Window",
     "add",
@@ -60,7 +61,6 @@ __all__ = [
     "compose_bias",
     "compose_kernels",
     "diagonal_kernel",
-    "ONE",
     "exact",
     "expand_groups",
     "input_shift_bias",
