@@ -150,7 +150,11 @@ def leaf(
 def is_one(weight: Weight | None) -> bool:
     """Whether ``weight`` is the number 1 (a constant fxfuse knows, not a tensor that may
     change)."""
-    return isinstance(weight, Const) and weight.tensor.dim() == 0 and bool(weight.tensor == 1)
+    if not isinstance(weight, Const):
+        return False
+    if weight.tensor is kernels.ONE:  # (most ones: without a tensor comparison)
+        return True
+    return weight.tensor.dim() == 0 and bool(weight.tensor == 1)
 
 
 def mul(a: Weight, b: Weight) -> Weight:
