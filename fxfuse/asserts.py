@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from torch.fx import Graph, Node
 
-from fxfuse.effects import Effects
 from fxfuse.layout import (
     _BROADCASTING,
     _SAME_RANK_FUNCTIONS,
@@ -42,12 +41,42 @@ __all__ = ["drop_proven_rank_asserts"]
 # modules that reject every rank but one (torch's own forward checks it)
 _ONE_RANK_MODULES = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
 _RANK_METHODS = frozenset({"dim", "ndimension"})
+# functions and methods that read their tensor arguments and change none of them in place
+_READING_FUNCTIONS = frozenset(
+    {getattr, operator.getitem, operator.eq, operator.ne, torch._assert, torch.cat, torch.stack}
+)
+_READING_METHODS = frozenset(
+    {
+        "size",
+        "dim",
+        "ndimension",
+        "numel",
+        "view",
+        "reshape",
+        "flatten",
+        "unsqueeze",
+        "squeeze",
+        "expand",
+        "expand_as",
+        "view_as",
+        "reshape_as",
+        "chunk",
+        "split",
+        "mean",
+        "sum",
+        "amax",
+    }
+)
 
 
-def drop_proven_rank_asserts(graph: Graph, module: Callable[[str], Any], effects: Effects) -> int:
+def drop_proven_rank_asserts(graph: Graph, module: Callable[[str], Any]) -> int:
     """Erase each ``torch._assert(x.ndim == k)`` of ``graph`` whose ``x`` is proven to have
     rank ``k`` wherever the check runs; returns how many. The nodes that computed the
-    condition are left for dead-code removal."""
+    condition are left for dead-code removal.
+
+    ``module`` resolves ``call_module`` targets (those fxfuse built included). A value read by
+    an op not known to leave its inputs' ranks alone (user code, an in-place method such as
+    ``unsqueeze_``) loses what was proven about it."""
     ranks: dict[Node, int] = {}
     dropped = 0
     for node in list(graph.nodes):
@@ -63,9 +92,29 @@ def drop_proven_rank_asserts(graph: Graph, module: Callable[[str], Any], effects
         found = _rank(node, ranks, module)
         if found is not None:
             ranks[node] = found
-        for written in effects.writes(node):  # code that may change a value in place
-            ranks.pop(written, None)
+        if ranks and not _keeps_input_ranks(node, module):
+            for value in node.all_input_nodes:  # (it may change a rank in place)
+                ranks.pop(value, None)
     return dropped
+
+
+def _keeps_input_ranks(node: Node, module: Callable[[str], Any]) -> bool:
+    """Whether ``node`` certainly leaves the rank of every tensor it reads as it was: torch's
+    own modules and the functions and methods whose results fxfuse reasons about (none
+    reshapes its input in place); not user code, nor methods such as ``unsqueeze_``."""
+    if node.op == "call_module":
+        m = module(str(node.target))
+        return isinstance(m, nn.Module) and _torch_forward(m)
+    if node.op == "call_function":
+        return (
+            node.target in _READING_FUNCTIONS
+            or node.target in _SAME_RANK_FUNCTIONS
+            or node.target in _BROADCASTING
+            or _is_fused_layer(node)
+        )
+    if node.op == "call_method":
+        return str(node.target) in _SAME_RANK_METHODS or str(node.target) in _READING_METHODS
+    return node.op in ("placeholder", "get_attr")
 
 
 def _checked_rank(node: Node) -> tuple[Node, int] | None:

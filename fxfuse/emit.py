@@ -536,7 +536,7 @@ def emit(
     if effects is None:
         effects = Effects(graph, resolve, lambda n: _held(n, resolve, created))
     drop_proven_rank_asserts(
-        graph, lambda target: created[target] if target in created else resolve(target), effects
+        graph, lambda target: created[target] if target in created else resolve(target)
     )
     _drop_dead_pure_nodes(graph, effects)
     targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
