@@ -207,7 +207,7 @@ def _broadcast(node: Node, ranks: dict[Node, int]) -> int | None:
 
 def _torch_forward(m: nn.Module) -> bool:
     """Whether ``m`` runs torch's own ``forward`` (a subclass may do anything in its own)."""
-    return getattr(type(m).forward, "__module__", "").startswith("torch.nn.")
+    return (getattr(type(m).forward, "__module__", None) or "").startswith("torch.nn.")
 
 
 def _is_fused_layer(node: Node) -> bool:

@@ -621,7 +621,7 @@ def _known_module(module: nn.Module) -> bool:
     if isinstance(module, torch.fx.GraphModule):
         return _graph_module_info(module).known
     forward = getattr(type(module), "forward", None)
-    return getattr(forward, "__module__", "").startswith("torch.")
+    return (getattr(forward, "__module__", None) or "").startswith("torch.")
 
 
 _GRAPH_MODULE_INFO: dict[int, tuple[Any, _OpInfo]] = {}

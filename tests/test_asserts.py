@@ -141,3 +141,31 @@ def test_timm_repvgg_keeps_one_check_of_sixty_one() -> None:
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)
         assert torch.allclose(model(x), fused(x), rtol=1e-4, atol=1e-5)
+
+
+class Nameless(nn.Module):
+    """User code whose ``forward`` names no module (made by ``exec``, or a C extension)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+Nameless.forward.__module__ = None  # type: ignore[assignment]
+
+
+class AroundUserCode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.user = nn.Conv2d(3, 3, 1), Nameless()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, "4d")
+        z = self.user(y)
+        torch._assert(y.ndim == 4, "still 4d")  # y went through user code: not proven
+        return z
+
+
+def test_a_value_passed_to_a_user_module_loses_its_rank() -> None:
+    fused = fxfuse.optimize(AroundUserCode().eval(), leaf_modules=[Nameless])
+    assert _asserts(fused) == 2
