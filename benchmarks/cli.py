@@ -7,7 +7,9 @@ README's model table (ops executed, errors, parameters; fxfuse beside timm's con
 ``convert`` times ``optimize`` (per phase) against timm's converter on the timm
 re-parameterizable families, and the converted models' per-call cost at batch 1.
 ``rdrop`` times one R-Drop training step with ``fxfuse.rdrop``'s twin against two forward
-passes, and their peak memory. ``--quick`` is the short run (a few minutes on 2 cores): four
+passes, and their peak memory. ``training`` times one training step of a CSLA network as
+written, online-merged (``fxfuse.online_merge``) and plain (``fxfuse.gradient_reparam``),
+and their peak memory. ``--quick`` is the short run (a few minutes on 2 cores): four
 models, 10 rounds, 10/100/1,000 blocks. The 10,000-block point is its own command::
 
     python -m benchmarks scaling --blocks 10 100 1000 10000
@@ -38,6 +40,7 @@ from benchmarks import (
     profile,
     rdrop,
     scaling,
+    training,
 )
 from benchmarks.common import OUT, cold_compiles, load_results, machine, save_section
 from fxfuse.bench import VARIANTS
@@ -112,6 +115,19 @@ def run_rdrop(args: argparse.Namespace) -> None:
     save_section(args.json, "rdrop", {"machine": env, "models": models})
 
 
+def run_training(args: argparse.Namespace) -> None:
+    device = _device(args.device)
+    env = machine(device)
+    models = training.run(
+        args.models or training.QUICK,
+        batch=args.batch or 32,
+        rounds=args.rounds or (10 if args.quick else 30),
+        device=device,
+    )
+    env["load_average_after"] = machine(device)["load_average"]
+    save_section(args.json, "training", {"machine": env, "models": models})
+
+
 def run_markdown(args: argparse.Namespace) -> None:
     print(markdown.render(load_results(args.json)))
 
@@ -148,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             "live",
             "rdrop",
             "convert",
+            "training",
         ],
     )
     parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
@@ -171,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     parser.add_argument("--blocks", type=int, nargs="+", help="synthetic network sizes")
-    parser.add_argument("--batch", type=int, default=None, help="rdrop: the batch size")
+    parser.add_argument("--batch", type=int, default=None, help="rdrop, training: the batch size")
     parser.add_argument("--repeats", type=int, default=3, help="optimize runs per size")
     parser.add_argument("--json", type=Path, default=OUT / "results.json")
     parser.add_argument("--png", type=Path, default=OUT / "benchmarks.png")
@@ -194,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "convert": run_convert,
         "live": run_live,
         "rdrop": run_rdrop,
+        "training": run_training,
         "markdown": lambda a: None,
         "plot": lambda a: None,
     }

@@ -29,6 +29,7 @@ from fxfuse.errors import (
 from fxfuse.rdrop import rdrop, rdrop_loss
 from fxfuse.report import Decline, FusionReport, GraphStats, Part, Rewrite
 from fxfuse.rules import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
+from fxfuse.training import expand, gradient_reparam, online_merge
 from fxfuse.verify import VerificationReport, verify
 
 __all__ = [
@@ -53,6 +54,9 @@ __all__ = [
     "VerificationError",
     "VerificationReport",
     "deploy_state_dict",
+    "expand",
+    "gradient_reparam",
+    "online_merge",
     "optimize",
     "rdrop",
     "rdrop_loss",

@@ -6,7 +6,7 @@ changes:
 - parameter and buffer names are looked up in a map built once per trace. ``torch.fx`` finds a
   tensor's name by scanning every parameter of the model for every functional use
   (``F.batch_norm(x, self.running_mean, …)``), which makes tracing quadratic: on timm's
-  mobileone_s0 that is most of fxfuse's time (DESIGN.md, trap 9);
+  mobileone_s0 that is most of fxfuse's time (docs/design.md, trap 9);
 - leaves by class (``leaf_modules=``) and by instance (a submodule with hooks, or one whose
   own code cannot be traced): the parent is traced around them;
 - arguments are bound the way the module is called: non-tensor arguments with a default
@@ -52,8 +52,11 @@ from torch.fx import Tracer as FxTracer
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.fx.proxy import TraceError
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 from torch.utils._sympy.numbers import int_oo
 
+from fxfuse.effects import _function_info, _method_info
 from fxfuse.errors import CaptureError
 
 log = logging.getLogger("fxfuse")
@@ -187,7 +190,7 @@ class Tracer(FxTracer):
             for name, param in root.named_parameters():
                 self._names.setdefault(id(param), name)
         try:
-            with _global_hooks_held_back():
+            with _global_hooks_held_back(), _RandomCallsRecorded(self):
                 return super().trace(root, concrete_args)
         finally:
             self._names = {}
@@ -238,6 +241,53 @@ class Tracer(FxTracer):
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
+
+
+class _RandomCallsRecorded(TorchFunctionMode):
+    """Records a random op whose arguments are all concrete (``torch.randn(1)``,
+    ``torch.randperm(c)``) as a node, as it is recorded when an argument is traced.
+
+    ``torch.fx`` runs such a call once, at trace time, and bakes its result into the graph:
+    the traced model would draw once where the model draws on every call, and a draw nobody
+    uses would vanish from the caller's random stream. The op's schema tags say whether it
+    draws (:mod:`fxfuse.effects`); other calls run as they do without this mode.
+    """
+
+    def __init__(self, tracer: FxTracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if _draws_random(func) and not any(
+            isinstance(a, Proxy) for a in tree_flatten((args, kwargs))[0]
+        ):
+            if _is_tensor_method(func):
+                return self.tracer.create_proxy("call_method", func.__name__, tuple(args), kwargs)
+            return self.tracer.create_proxy("call_function", func, tuple(args), kwargs)
+        return func(*args, **kwargs)
+
+
+_DRAWS: dict[Any, bool] = {}
+
+
+def _is_tensor_method(func: Any) -> bool:
+    return getattr(func, "__objclass__", None) in (torch._C.TensorBase, Tensor)
+
+
+def _draws_random(func: Any) -> bool:
+    """Whether ``func`` surely draws random numbers (by its schema's tags)."""
+    try:
+        found = _DRAWS.get(func)
+    except TypeError:  # unhashable
+        return False
+    if found is None:
+        method = _is_tensor_method(func)  # (called on a concrete tensor)
+        info = _method_info(func.__name__) if method else _function_info(func)
+        found = _DRAWS[func] = info.random is True
+    return found
 
 
 @contextlib.contextmanager
@@ -704,10 +754,13 @@ def export_capture(model: nn.Module, example_inputs: Sequence[Any]) -> Exported:
         except Exception as failed:  # export fails in many ways
             error = error or failed
             continue
+        # (functionalizing may add guards of its own: a write through ``unbind``'s view fixes
+        # the batch, so what the result requires is read from the functional program)
+        program = program.run_decompositions({})
         specialized = _specialized(program, args)
         if args is doubled and any(".shape[0]" in g for g in specialized):
             continue  # the model fixes its batch: the example's own batch it is
-        module = program.run_decompositions({}).module()
+        module = program.module()
         with torch.no_grad():  # concrete shapes beside export's symbolic ones, for the checks
             ShapeProp(module).propagate(*fresh_copies(example))  # that draw inputs
             # (the runs may have updated buffers the forward writes: the result starts from

@@ -1,8 +1,8 @@
 """Effects: what each node of a graph may do besides computing its value.
 
 A rewrite replaces values; it must not change *when* or *whether* an effect happens, nor what a
-read sees (DESIGN.md, "Effects"). This module answers, for any node of a ``torch.fx`` graph in any
-dialect fxfuse reads (modules, ``torch``/``F`` functions and tensor methods, aten ops):
+read sees (docs/design.md, "Effects"). This module answers, for any node of a ``torch.fx``
+graph in any dialect fxfuse reads (modules, ``torch``/``F`` functions and tensor methods, aten ops):
 
 - :meth:`Effects.writes`: the inputs it may change in place — aten schemas that mark an argument
   written, ``_``-suffixed ops, ``out=``, ``inplace=True``, ``x += y``, ``x[i] = v``, modules built
@@ -229,9 +229,13 @@ def _schema_info(overloads: Sequence[Any]) -> _OpInfo:
             position = (-1 if arg.kwarg_only else index, arg.name)
             if info.is_write:
                 writes.add(position)
-            if set(info.before_set) & returned:
+            # ``Tensor(a -> *) self ... -> Tensor(a)[]`` (chunk, split, unbind): the views are
+            # the returned list's elements, whose annotation the bindings do not show; the
+            # argument's ``-> *`` (it may alias anything after the call) does
+            if set(info.before_set) & returned or "*" in set(info.after_set):
                 aliases.add(position)
-        if torch.Tag.maybe_aliasing_or_mutating in tags and schema.arguments:
+        unannotated_views = schema.name.startswith(("aten::unsafe_split", "aten::unsafe_chunk"))
+        if (torch.Tag.maybe_aliasing_or_mutating in tags or unannotated_views) and schema.arguments:
             aliases.add((0, schema.arguments[0].name))
     return _OpInfo(frozenset(writes), frozenset(aliases), random, True)
 

@@ -26,6 +26,7 @@ hypothesis is needed at run time: ``pip install 'fxfuse[verify]'``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib
 import logging
@@ -42,7 +43,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from fxfuse.compare import Comparison, Difference, compare_outputs
+from fxfuse.compare import Comparison, Difference, compare_outputs, ieee_float32
 from fxfuse.errors import NondeterministicError, VerificationError
 
 __all__ = ["VerificationReport", "buffers_restored", "fresh_copies", "verify"]
@@ -108,29 +109,16 @@ def _strategies() -> ModuleType:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _ieee_float32(active: bool) -> Iterator[None]:
-    """Full float32 precision for CUDA convs and matmuls (no TF32) while verifying: TF32's
-    10-bit mantissa would hide a 1e-3 error and flag a correct fusion."""
-    if not active:
-        yield
-        return
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    matmul = torch.backends.cuda.matmul
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        saved = conv.fp32_precision, matmul.fp32_precision
-        conv.fp32_precision = matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = saved
-    else:  # pragma: no cover - torch before the fp32_precision API
-        legacy = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = legacy
+def _private_copy(model: Any) -> Any:
+    """A deep copy of a module for :func:`verify` to run; the module itself (its buffers then
+    restored after the runs) where it cannot be copied, and any other callable as it is."""
+    if not isinstance(model, nn.Module):
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:  # (a lock, an open file, a generator among its attributes)
+        log.info("verify runs %s itself: it cannot be copied (%s)", type(model).__name__, error)
+        return model
 
 
 @contextlib.contextmanager
@@ -532,6 +520,9 @@ def verify(
     if examples < 0:
         raise ValueError(f"examples must be ≥ 0, got {examples}")
     started = time.perf_counter()
+    # run copies: a forward may keep Python state (a call counter, a log) that buffers_restored
+    # cannot put back; the caller's models are never run
+    reference, candidate = _private_copy(reference), _private_copy(candidate)
     job = _Job(reference, candidate, example, tolerance, seed, strategies)
     draw = _enclosing_draw()
     job.report.drawn_by = "drawn by the enclosing hypothesis test" if draw else f"seed {seed}"
@@ -539,7 +530,7 @@ def verify(
     with (
         torch.no_grad(),
         buffers_restored(*models),
-        _ieee_float32(_on_cuda(models, example)),
+        ieee_float32(_on_cuda(models, example)),
     ):
         job.check_example()
         job.choose_axes(batch_sizes, spatial)

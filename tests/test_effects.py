@@ -350,6 +350,48 @@ def test_an_in_place_op_at_the_root_of_a_merged_sum(program: Program, surface: s
     check(program, surface)
 
 
+# Views returned in a list (``Tensor(a)[]`` in the schema: chunk, split, unbind, …) alias their
+# input as much as ``narrow`` does; a write through one is a write to the input (adversarial
+# review: the write was deleted as dead code, on every surface)
+VIEW_LISTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "chunk": lambda t: t.chunk(2, 1)[1],
+    "split": lambda t: t.split(2, 1)[0],
+    "split_with_sizes": lambda t: t.split([1, 3], 1)[1],
+    "unbind": lambda t: t.unbind(1)[2],
+    "tensor_split": lambda t: torch.tensor_split(t, 2, dim=1)[1],
+    "hsplit": lambda t: t.hsplit([2])[0],
+}
+
+
+def _fill_input_view(view: Callable[[Tensor], Tensor]) -> Callable[[Store], nn.Module]:
+    def fn(s: nn.Module, x: Tensor) -> Tensor:
+        a = s.a(x)
+        view(x).fill_(1.0)  # the caller's x changes, and b reads the changed x
+        return a + s.bn(s.b(x))
+
+    return lambda _: Forward(fn, a=conv(), b=conv(kernel=1), bn=nn.BatchNorm2d(C))
+
+
+def _zero_branch_view(view: Callable[[Tensor], Tensor]) -> Callable[[Store], nn.Module]:
+    def fn(s: nn.Module, x: Tensor) -> Tensor:
+        a = s.a(x)
+        view(a).zero_()  # a branch's output changed before the sum reads it
+        return a + s.b(x)
+
+    return lambda _: Forward(fn, a=conv(), b=conv(kernel=1))
+
+
+VIEW_LIST_WRITES = {
+    **{f"{name}-of-the-input": Program(_fill_input_view(v)) for name, v in VIEW_LISTS.items()},
+    **{f"{name}-of-a-branch": Program(_zero_branch_view(v)) for name, v in VIEW_LISTS.items()},
+}
+
+
+@pytest.mark.parametrize(("program", "surface"), cases(VIEW_LIST_WRITES))
+def test_a_write_through_a_view_from_a_list_is_kept(program: Program, surface: str) -> None:
+    check(program, surface)
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Hooks
 # --------------------------------------------------------------------------------------------
@@ -563,6 +605,56 @@ def test_random_ops_on_weights_draw_anew_on_every_call(program: Program, surface
         expected = {run.reference.call(*x).sum().item() for _ in range(4)}
         actual = {run.candidate.call(*x).sum().item() for _ in range(4)}
     assert len(expected) == 4 and len(actual) == 4, (len(expected), len(actual))
+
+
+# Random ops whose arguments are all concrete: torch.fx runs them once at trace time unless told
+# otherwise, which froze one draw into the weights (adversarial review)
+CONCRETE_RANDOM: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
+    "randn-scale": lambda s, x: s.a(x) * torch.randn(1) + s.b(x),
+    "rand-channel-scale": lambda s, x: s.bn(s.a(x)) * torch.rand(C).view(1, -1, 1, 1),
+    "rand-shift": lambda s, x: s.bn(s.a(x) + torch.rand(1, C, 1, 1)),
+    "randperm-index": lambda s, x: s.a(x)[:, torch.randperm(C)] + s.b(x),
+    "normal_-method": lambda s, x: s.a(x) * torch.empty(1).normal_() + s.b(x),
+}
+
+
+@pytest.mark.parametrize(
+    ("program", "surface"),
+    cases(
+        {
+            name: Program(
+                lambda _, fn=fn: Forward(fn, a=conv(), b=conv(kernel=1), bn=nn.BatchNorm2d(C)),
+                surfaces=("optimize", "optimize-example", "compile"),
+            )
+            for name, fn in CONCRETE_RANDOM.items()
+        }
+    ),
+)
+def test_random_ops_with_concrete_arguments_draw_on_every_call(
+    program: Program, surface: str
+) -> None:
+    run = check(program, surface)
+    x = program.calls()[0]
+    with torch.no_grad():
+        draws = {tuple(run.candidate.call(*x).flatten().tolist()) for _ in range(3)}
+    assert len(draws) == 3
+
+
+def test_an_unused_draw_still_advances_the_callers_generator() -> None:
+    def fn(s: nn.Module, x: Tensor) -> Tensor:
+        torch.randn(3)  # nobody reads it; the caller's next draw depends on it
+        return s.a(x) + s.b(x)
+
+    model = Forward(fn, a=conv(), b=conv(kernel=1)).eval()
+    fused = fxfuse.optimize(model)
+    x = torch.randn(1, C, 5, 6)
+    after = []
+    for m in (model, fused):
+        torch.manual_seed(3)
+        m(x)
+        after.append(torch.rand(1).item())
+    assert after[0] == after[1]
+    assert count_ops(fused, x)["conv"] == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -984,3 +1076,32 @@ def test_a_warning_shows_without_logging_configured() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("gradients are enabled") == 1, result.stderr[-2000:]
+
+
+class _CountsCalls(nn.Module):
+    """Keeps Python state in forward: a counter and a log (adversarial review: ``verify`` ran
+    the caller's own model ~25 times)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.bn = conv(), nn.BatchNorm2d(C)
+        self.calls, self.log = 0, []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        self.log.append(1)
+        return self.bn(self.c(x))
+
+
+@pytest.mark.parametrize("how", ["optimize-verify", "verify"])
+def test_verifying_never_runs_the_callers_models(how: str) -> None:
+    model = _CountsCalls().eval()
+    x = torch.randn(2, C, 5, 6)
+    if how == "verify":
+        other = _CountsCalls().eval()
+        other.load_state_dict(model.state_dict())
+        report = fxfuse.verify(model, other, (x,), examples=3)
+        assert report.examples >= 1 and (other.calls, other.log) == (0, [])
+    else:
+        fxfuse.optimize(model, (x,), verify=True)
+    assert (model.calls, model.log) == (0, [])
