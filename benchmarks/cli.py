@@ -4,6 +4,8 @@
 prints where ``optimize`` spends its time (cProfile, per phase); ``equivalence`` prints the
 README's model table (ops executed, errors, parameters; fxfuse beside timm's converter).
 ``live`` times the compile backend's live weights against fused ones (per-call cost).
+``convert`` times ``optimize`` (per phase) against timm's converter on the timm
+re-parameterizable families, and the converted models' per-call cost at batch 1.
 ``rdrop`` times one R-Drop training step with ``fxfuse.rdrop``'s twin against two forward
 passes, and their peak memory. ``training`` times one training step of a CSLA network as
 written, online-merged (``fxfuse.online_merge``) and plain (``fxfuse.gradient_reparam``),
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import (
+    convert,
     equivalence,
     latency,
     live_weights,
@@ -83,6 +86,13 @@ def run_memory(args: argparse.Namespace) -> None:
 def run_profile(args: argparse.Namespace) -> None:
     for blocks in args.blocks or [1000]:
         save_section(args.json, f"profile_{blocks}", profile.run(blocks))
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    env = machine("cpu")
+    result = convert.run(args.models or convert.MODELS, rounds=args.rounds or 5)
+    env["load_average_after"] = machine("cpu")["load_average"]
+    save_section(args.json, "convert", {"machine": env, "models": result})
 
 
 def run_live(args: argparse.Namespace) -> None:
@@ -153,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
             "equivalence",
             "live",
             "rdrop",
+            "convert",
             "training",
         ],
     )
@@ -197,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scaling": run_scaling,
         "memory": run_memory,
         "profile": run_profile,
+        "convert": run_convert,
         "live": run_live,
         "rdrop": run_rdrop,
         "training": run_training,

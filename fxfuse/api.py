@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
 import torch
@@ -31,6 +33,24 @@ def _rule_set(rules: RuleSet | Iterable[Rule[Any]] | None) -> RuleSet:
 
         return default_rules()
     return rules if isinstance(rules, RuleSet) else RuleSet.of(rules)
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while fusing.
+
+    Fusing allocates tens of thousands of small objects (graph nodes, proxies, weight
+    expressions) that live until it ends; each allocation burst triggers collections that
+    walk every object of the process (a timm model and torch hold ~500,000): 25–30 % of
+    ``optimize``'s time on mobileone_s0. Nothing it makes is garbage before it returns, and
+    the collector runs as usual afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _left_alone(graph: Graph, ctx: RewriteContext, skip: Mapping[str, Any]) -> list[str]:
@@ -203,14 +223,15 @@ def optimize(
     options = _checked_options(options, example_inputs, verify)
     if example_inputs is not None:
         example_inputs = fresh_copies(example_inputs)  # (nothing runs on the caller's own)
-    fused = fuse_model(
-        model,
-        example_inputs,
-        rules=rules,
-        options=options,
-        leaf_modules=leaf_modules,
-        concrete_args=concrete_args,
-    )
+    with _collection_paused():
+        fused = fuse_model(
+            model,
+            example_inputs,
+            rules=rules,
+            options=options,
+            leaf_modules=leaf_modules,
+            concrete_args=concrete_args,
+        )
     if verify:
         assert example_inputs is not None
         report = fused.fxfuse_report

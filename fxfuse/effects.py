@@ -120,6 +120,9 @@ _LIKE_FUNCTIONS = frozenset({torch.zeros_like, torch.ones_like, torch.empty_like
 _NEW_METHODS = frozenset({"new_zeros", "new_ones", "new_empty", "new_full"})
 
 
+_METADATA_OR_SHAPE_METHODS = _SHAPE_OF_OTHER_METHODS | _NEW_METHODS | _METADATA_METHODS
+
+
 def reads_metadata_only(user: Node, of: Node) -> bool:
     """Whether ``user`` only asks ``of`` for its shape, rank, dtype or device.
 
@@ -127,6 +130,14 @@ def reads_metadata_only(user: Node, of: Node) -> bool:
     ``y.reshape_as(x)``, ``torch.zeros_like(x)``) does not need the value: it can read the same
     facts from anything of the same shape and dtype.
     """
+    op, target = user.op, user.target
+    if op == "call_method":
+        if target not in _METADATA_OR_SHAPE_METHODS:
+            return False
+    elif op != "call_function" or not (
+        target is getattr or target in _LIKE_FUNCTIONS or target in _ATEN_METADATA
+    ):
+        return False  # (most users: checked first, this runs for every user of every node)
     others = [*user.args[1:], *user.kwargs.values()]
     if user.op == "call_method" and user.target in _SHAPE_OF_OTHER_METHODS:
         return len(user.args) == 2 and user.args[1] is of and user.args[0] is not of
@@ -614,7 +625,7 @@ def _known_module(module: nn.Module) -> bool:
     if isinstance(module, torch.fx.GraphModule):
         return _graph_module_info(module).known
     forward = getattr(type(module), "forward", None)
-    return getattr(forward, "__module__", "").startswith("torch.")
+    return (getattr(forward, "__module__", None) or "").startswith("torch.")
 
 
 _GRAPH_MODULE_INFO: dict[int, tuple[Any, _OpInfo]] = {}

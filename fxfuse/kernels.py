@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ONE",
     "MergedWindow",
     "Window",
     "add",
@@ -97,6 +98,11 @@ def _same(t: Any, *args: Any, **kwargs: Any) -> Sequence[int]:
 
 def _vector(channels: int) -> _Shape:
     return lambda *args, **kwargs: (channels,)
+
+
+ONE = torch.tensor(1.0, dtype=torch.float64)
+"""The number 1 as fxfuse's constant weights hold it (:func:`fxfuse.weights.const`): a
+function handed this very tensor knows it multiplies by one without reading it."""
 
 
 def exact(t: Tensor) -> Tensor:
@@ -209,8 +215,10 @@ def scale_kernel(
         grouped = w.reshape(groups, in_channels // groups, out_per_group, *w.shape[2:])
         per_group = scale.reshape(groups, 1, out_per_group, *([1] * (w.dim() - 2)))
         return (grouped * per_group).reshape(w.shape)
-    scale = channel_vector(scale, w.shape[0]).to(w.device)
-    return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    scale = channel_vector(scale, w.shape[0]).to(w.device).reshape(-1, *([1] * (w.dim() - 1)))
+    if w is not weight:  # the float64 copy is this function's own: scale it in place
+        return w.mul_(scale)
+    return w * scale
 
 
 @shaped(lambda bias, scale, shift, channels: (channels,))
@@ -364,14 +372,24 @@ def placed_sum(
     offsets: Sequence[Sequence[int]],
     steps: Sequence[Sequence[int]],
 ) -> Tensor:
-    """``Σ aᵢ · place(expand_groups(Wᵢ))``: the merged kernel of branches reading one input."""
+    """``Σ aᵢ · place(expand_groups(Wᵢ))``: the merged kernel of branches reading one input.
+
+    Each scaled kernel is added into its window of one zero kernel, in branch order: the same
+    sums as adding the zero-padded kernels (a tap a branch does not reach adds 0), without a
+    padded float64 copy per branch. A scale that is fxfuse's own constant 1 multiplies
+    nothing."""
     total: Tensor | None = None
     for kernel, scale, g, offset, step in zip(kernels, scales, groups, offsets, steps, strict=True):
-        placed = place_kernel(
-            expand_groups(kernel, in_channels, g, new_groups), extent, offset, step
+        term = expand_groups(kernel, in_channels, g, new_groups)
+        if scale is not ONE:
+            term = scale_kernel(term, scale)
+        if total is None:
+            total = term.new_zeros((*term.shape[:2], *extent))
+        window = tuple(
+            slice(o, o + (k - 1) * s + 1, s)
+            for o, s, k in zip(offset, step, term.shape[2:], strict=True)
         )
-        term = scale_kernel(placed, scale)
-        total = term if total is None else total + term
+        total[(slice(None), slice(None), *window)] += term
     assert total is not None
     return total
 

@@ -877,23 +877,14 @@ class _Driver:
 
 def _weight_nodes(node: Node) -> list[Node]:
     """The graph nodes a fused layer's (or weight value's) live weights read on every call."""
-    from fxfuse.weights import Leaf, _weights_in
-
     found: list[Node] = []
-
-    def visit(w: Weight) -> None:
-        if isinstance(w, Leaf) and w.node is not None:
-            found.append(w.node)
-        for child in _weights_in((getattr(w, "args", ()), getattr(w, "kwargs", {}))):
-            visit(child)
-
     for arg in node.args:
         if isinstance(arg, FusedLayer):
-            visit(arg.weight)
+            found += arg.weight.nodes
             if arg.bias is not None:
-                visit(arg.bias)
+                found += arg.bias.nodes
         elif isinstance(arg, Weight):
-            visit(arg)
+            found += arg.nodes
     return found
 
 

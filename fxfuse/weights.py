@@ -49,11 +49,13 @@ class Weight:
     """A tensor-valued expression; ``shape``, ``dtype`` and ``device`` are known without
     computing it."""
 
-    __slots__ = ("device", "dtype", "shape")
+    __slots__ = ("device", "dtype", "nodes", "shape")
 
     shape: torch.Size
     dtype: torch.dtype
     device: torch.device
+    nodes: tuple[Node, ...]
+    """The graph nodes its leaves are held by (what it reads from the graph), each once."""
 
     @property
     def live(self) -> bool:
@@ -86,6 +88,7 @@ class Leaf(Weight):
     ):
         self.tensor, self.node, self.path, self._live = tensor, node, path, live
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        self.nodes = () if node is None else (node,)
 
     @property
     def live(self) -> bool:
@@ -104,6 +107,7 @@ class Const(Weight):
     def __init__(self, tensor: Tensor):
         self.tensor = tensor
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        self.nodes = ()
 
     def __repr__(self) -> str:
         return f"Const({tuple(self.shape)})"
@@ -123,8 +127,11 @@ class Apply(Weight):
     ):
         self.fn, self.args, self.kwargs = fn, tuple(args), dict(kwargs)
         self.shape, self.dtype = meta.shape, meta.dtype
-        self.device = _device_of(self.args, self.kwargs)
-        self._live = any(w.live for w in _weights_in((self.args, self.kwargs)))
+        children = _weights_in((self.args, self.kwargs))
+        self.device = children[0].device if children else torch.device("cpu")
+        self._live = any(w.live for w in children)
+        # (gathered once here: the driver asks every rewrite which nodes its weights read)
+        self.nodes = tuple(dict.fromkeys(n for w in children for n in w.nodes))
 
     @property
     def live(self) -> bool:
@@ -143,7 +150,11 @@ def leaf(
 def is_one(weight: Weight | None) -> bool:
     """Whether ``weight`` is the number 1 (a constant fxfuse knows, not a tensor that may
     change)."""
-    return isinstance(weight, Const) and weight.tensor.dim() == 0 and bool(weight.tensor == 1)
+    if not isinstance(weight, Const):
+        return False
+    if weight.tensor is kernels.ONE:  # (most ones: without a tensor comparison)
+        return True
+    return weight.tensor.dim() == 0 and bool(weight.tensor == 1)
 
 
 def mul(a: Weight, b: Weight) -> Weight:
@@ -166,6 +177,8 @@ def reciprocal(a: Weight) -> Weight:
 
 @functools.lru_cache(maxsize=1024)
 def _scalar(value: float) -> Const:
+    if value == 1.0:
+        return Const(kernels.ONE)  # (kernels skip multiplying by this very tensor)
     return Const(torch.tensor(value, dtype=torch.float64))
 
 
@@ -283,9 +296,3 @@ def _weights_in(value: Any) -> list[Weight]:
 
 def _meta(weight: Weight) -> Tensor:
     return torch.empty(weight.shape, dtype=weight.dtype, device="meta")
-
-
-def _device_of(args: Any, kwargs: Any) -> torch.device:
-    for w in _weights_in((args, kwargs)):
-        return w.device
-    return torch.device("cpu")
