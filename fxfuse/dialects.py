@@ -165,7 +165,7 @@ def inherits_forward(module: nn.Module, *methods: str) -> bool:
     "same" padding) computes something else and is not the op its base class is."""
     for name in ("forward", *methods):
         fn = getattr(type(module), name, None)
-        if not getattr(fn, "__module__", "").startswith("torch.nn."):
+        if not (getattr(fn, "__module__", None) or "").startswith("torch.nn."):
             return False
     return not has_hooks(module)
 
