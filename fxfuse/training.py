@@ -605,18 +605,25 @@ def _branches(conv: nn.Conv2d, block: str, copies: int) -> list[nn.Module]:
     return [b for b in branches if b is not None]
 
 
-def _conv_bn_pairs(model: nn.Module) -> dict[str, str]:
-    """conv path -> path of the batch norm that is its only user (both called once)."""
+def _conv_bn_pairs(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
+    """conv path -> path of the batch norm that is its only user (both called once); and the
+    convs to leave as they are, with the reason: the forward reads their parameters itself
+    (``F.conv2d(x, self.conv.weight)``: a block has none of its own), or their batch norm
+    uses batch statistics (nothing would fold it back into one conv)."""
     try:
         traced = trace_part(structural_copy(model))
     except Exception:  # (a model fx cannot read: its convs are expanded without their BNs)
-        return {}
+        return {}, {}
     if isinstance(traced, Failure):
-        return {}
+        return {}, {}
     calls: dict[str, int] = {}
+    skip: dict[str, str] = {}
     for node in traced.graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        elif node.op == "get_attr":
+            owner = str(node.target).rpartition(".")[0]
+            skip[owner] = f"the forward reads {node.target} itself"
     pairs = {}
     modules = dict(traced.root.named_modules())
     for node in traced.graph.nodes:
@@ -627,14 +634,16 @@ def _conv_bn_pairs(model: nn.Module) -> dict[str, str]:
             continue
         bn = modules.get(str(users[0].target))
         conv_path, bn_path = str(node.target), str(users[0].target)
-        if (
+        if type(bn) is nn.BatchNorm2d and bn.running_var is None:
+            skip.setdefault(conv_path, f"its batch norm {bn_path} uses batch statistics")
+        elif (
             type(bn) is nn.BatchNorm2d
             and calls[conv_path] == 1
             and calls[bn_path] == 1
             and users[0].args[0] is node
         ):
             pairs[conv_path] = bn_path
-    return pairs
+    return pairs, skip
 
 
 def expand(model: nn.Module, block: str = "acb", *, copies: int = 2) -> nn.Module:
@@ -661,12 +670,12 @@ def expand(model: nn.Module, block: str = "acb", *, copies: int = 2) -> nn.Modul
         raise ValueError(f"unknown block {block!r}: choose one of {', '.join(_BLOCKS)}")
     if copies < 1:
         raise ValueError(f"copies must be at least 1, got {copies}")
-    pairs = _conv_bn_pairs(model)
+    pairs, skip = _conv_bn_pairs(model)
     result = _deepcopy(model)
     modules = dict(result.named_modules())
     expanded = 0
     for path, conv in list(modules.items()):
-        why = _expandable(conv)
+        why = skip.get(path) or _expandable(conv)
         if why is not None:
             if isinstance(conv, nn.Conv2d) and type(conv) is nn.Conv2d:
                 log.debug("fxfuse.expand: %s left as it is: %s", path, why)

@@ -270,3 +270,34 @@ def test_expand_timm_round_trip(name: str) -> None:
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     convs = count_ops(model.double(), x)["conv"]
     _expand_round_trip(model, "acb", x, convs=convs)
+
+
+class _ReadsItsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.d = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.d(self.c(x) + F.conv2d(x, self.c.weight, None, padding=1))
+
+
+@pytest.mark.parametrize("block", ["acb", "repvgg", "mobileone", "dbb"])
+def test_expand_leaves_a_conv_whose_weight_the_forward_reads(block: str) -> None:
+    # (adversarial review: the block that replaced it had no weight, and the forward crashed)
+    model = _ReadsItsWeight().double()
+    expanded = fxfuse.expand(model, block=block)
+    assert type(expanded.c) is nn.Conv2d and type(expanded.d) is not nn.Conv2d  # d expands
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    assert relative_error(model(x), expanded(x)) <= 1e-12
+
+
+def test_expand_leaves_a_conv_whose_batch_norm_uses_batch_statistics() -> None:
+    # nothing folds such a batch norm, so a block there would not fuse back into one conv
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False)
+    ).eval()
+    expanded = fxfuse.expand(model, block="acb").eval()
+    x = torch.randn(2, 4, 7, 8)
+    assert count_ops(fxfuse.optimize(expanded), x)["conv"] == 1
+    assert relative_error(model(x), expanded(x)) <= 1e-6
