@@ -324,10 +324,10 @@ def gradient_reparam(
             for key, leaf in _variables(expr).items():
                 if key in owner:
                     raise ValueError(
-                        f"parameter {leaf.path} feeds both {owner[key]} and "
-                        f"{layer.name}.{part}; merged weights need parameters of their own"
+                        f"parameter {leaf.path} feeds both {owner[key]} and the {part} of "
+                        f"{_merged_from(layer)}; merged weights need parameters of their own"
                     )
-                owner[key] = f"{layer.name}.{part}"
+                owner[key] = f"the {part} of {_merged_from(layer)}"
         module = _lower(graph, node, layer, created)
         plans.append((module, layer, reparams))
     memo: dict[int, Any] = {}
@@ -603,6 +603,12 @@ def _branches(conv: nn.Conv2d, block: str, copies: int) -> list[nn.Module]:
             )  # fmt: skip
             branches.append(pool)
     return [b for b in branches if b is not None]
+
+
+def _merged_from(layer: FusedLayer) -> str:
+    """A merged layer named by what it was merged from (its own name may be a generic one)."""
+    sources = ", ".join(getattr(layer, "sources", ()) or ()) or layer.name
+    return f"the layer merged from {sources}"  # (e.g. "a, b")
 
 
 def _conv_bn_pairs(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:

@@ -301,3 +301,17 @@ def test_expand_leaves_a_conv_whose_batch_norm_uses_batch_statistics() -> None:
     x = torch.randn(2, 4, 7, 8)
     assert count_ops(fxfuse.optimize(expanded), x)["conv"] == 1
     assert relative_error(model(x), expanded(x)) <= 1e-6
+
+
+def test_a_conv_shared_by_two_merged_layers_is_refused_naming_both() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(4, 4, k, padding=k // 2) for k in (3, 1, 1))
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = F.relu(self.a(x) + self.b(x))
+            return self.a(x) + self.c(x)
+
+    with pytest.raises(ValueError, match=r"a\.weight feeds both .* from a, b and .* from a, c"):
+        fxfuse.gradient_reparam(Shared(), torch.optim.SGD, lr=0.1)
