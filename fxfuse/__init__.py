@@ -26,6 +26,7 @@ from fxfuse.errors import (
     TrainingModeError,
     VerificationError,
 )
+from fxfuse.quant import QuantReport, quant_report
 from fxfuse.rdrop import rdrop, rdrop_loss
 from fxfuse.report import Decline, FusionReport, GraphStats, Part, Rewrite
 from fxfuse.rules import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
@@ -44,6 +45,7 @@ __all__ = [
     "Match",
     "NondeterministicError",
     "Part",
+    "QuantReport",
     "Rewrite",
     "RewriteContext",
     "Rule",
@@ -54,6 +56,7 @@ __all__ = [
     "VerificationReport",
     "deploy_state_dict",
     "optimize",
+    "quant_report",
     "rdrop",
     "rdrop_loss",
     "verify",
