@@ -78,7 +78,7 @@ class Chain(Match):
     """``layers[0] → activations[0] → layers[1] → … → layers[-1]`` (``root``: the last)."""
 
     layers: list[Layer]
-    activations: list[Node | None]  # between layers[k] and layers[k + 1]; None: no activation
+    activations: list[tuple[Node, ...]]  # between layers[k] and layers[k + 1], in order
     stop: str | None  # why the chain ends at its last layer
     scales: list[Tensor] = field(default_factory=list)  # set by check
 
@@ -106,41 +106,40 @@ def _op_name(node: Node, ctx: RewriteContext) -> str:
 
 def _follow(
     layer: Layer, ctx: RewriteContext
-) -> tuple[Layer | None, Node | None, tuple[Node, str] | None]:
-    """The layer ``layer`` hands its channels to (through at most one homogeneous activation),
-    the activation, and otherwise the op that stops it with the reason."""
-    node, activation = layer.node, None
-    users = value_users(node)
-    if len(users) != 1:
-        if not users:
-            return None, None, None
-        return None, None, (node, "its output feeds several ops (a branch point)")
-    user = users[0]
-    if homogeneous(user, ctx) and user.args and user.args[0] is node:
-        activation, node = user, user
-        users = value_users(user)
+) -> tuple[Layer | None, tuple[Node, ...], tuple[Node, str] | None]:
+    """The layer ``layer`` hands its channels to (through homogeneous activations), those
+    activations, and otherwise the op that stops it with the reason."""
+    node, activations = layer.node, []
+    while True:
+        users = value_users(node)
         if len(users) != 1:
-            what = "several ops (a branch point)" if users else "nothing"
-            return None, None, (user, f"the activation after it feeds {what}")
+            if not users:
+                return None, (), None
+            what = "its output" if node is layer.node else "the activation after it"
+            return None, (), (node, f"{what} feeds several ops (a branch point)")
         user = users[0]
+        if not (homogeneous(user, ctx) and user.args and user.args[0] is node):
+            break
+        activations.append(user)
+        node = user
     following = ctx.layer(user)
     if following is not None and following.input is node:
         reason = _pair_refusal(layer, following)
         if reason is not None:
-            return None, None, (user, reason)
-        return following, activation, None
+            return None, (), (user, reason)
+        return following, tuple(activations), None
     if user.op == "output":
-        return None, None, None
+        return None, (), None
     if user.target in _SUMS:
-        return None, None, (user, "its output goes into a sum (a residual): its channels must stay")
-    if activation is None and user.op in ("call_function", "call_method", "call_module"):
-        if not homogeneous(user, ctx) and user.args and user.args[0] is node:
-            return None, None, (
+        return None, (), (user, "its output goes into a sum (a residual): its channels must stay")
+    if user.op in ("call_function", "call_method", "call_module") and user.args:
+        if user.args[0] is node:
+            return None, (), (
                 user,
                 f"{_op_name(user, ctx)} after it is not positively homogeneous per channel "
-                "(φ(x/s) ≠ φ(x)/s)",
+                "(φ(x/s) ≠ φ(x)/s) nor a layer",
             )
-    return None, None, (user, f"{_op_name(user, ctx)} reads its channels: not a layer")
+    return None, (), (user, f"{_op_name(user, ctx)} reads its channels: not a layer")
 
 
 def _pair_refusal(first: Layer, second: Layer) -> str | None:
@@ -160,7 +159,9 @@ def _pair_refusal(first: Layer, second: Layer) -> str | None:
 def _previous(layer: Layer, ctx: RewriteContext) -> Layer | None:
     """The layer whose channels ``layer`` reads, if :func:`_follow` leads from it to ``layer``."""
     x = layer.input
-    if homogeneous(x, ctx) and x.args and isinstance(x.args[0], Node):
+    for _ in range(len(ctx.graph.nodes)):
+        if not (homogeneous(x, ctx) and x.args and isinstance(x.args[0], Node)):
+            break
         x = x.args[0]
     before = ctx.layer(x)
     if before is None or x.meta.get(EQUALIZED):
@@ -188,14 +189,13 @@ class EqualizeLayers(Rule[Chain]):
         if stop is None and _previous(last, ctx) is None:
             return  # a layer alone, feeding the output: nothing to say
         layers = [last]
-        activations: list[Node | None] = []
+        activations: list[tuple[Node, ...]] = []
         while len(layers) <= len(ctx.graph.nodes):
             before = _previous(layers[0], ctx)
             if before is None:
                 break
             layers.insert(0, before)
-            x = layers[1].input
-            activations.insert(0, None if x is before.node else x)
+            activations.insert(0, _follow(before, ctx)[1])
         excluded = [stop] if stop is not None and len(layers) > 1 else []
         yield Chain(
             node,
@@ -243,11 +243,11 @@ class EqualizeLayers(Rule[Chain]):
                 name=layer.name,
             )
             value.meta[EQUALIZED] = True
-            activation = match.activations[k] if k < last else None
-            if activation is not None:
-                source = activation.args[0]
-                made = value
-                value = ctx.graph.node_copy(activation, lambda n: made if n is source else n)
+            for activation in match.activations[k] if k < last else ():
+                source, made = activation.args[0], value
+                value = ctx.graph.node_copy(
+                    activation, lambda n, source=source, made=made: made if n is source else n
+                )
         return value
 
     def describe(self, match: Chain) -> str:
