@@ -8,7 +8,10 @@ is — the per-tensor over the typical per-channel range, the outlier channels, 
 the weights rounded to symmetric INT8 per tensor and per channel (computed, not estimated) —
 so a user sees which layers will suffer and whether ``fxfuse.optimize(..., equalize=True)``
 helped. :func:`fake_quantize_weights` gives the model with its weights so rounded, to measure
-the output (:func:`output_sqnr`).
+the output (:func:`output_sqnr`). :func:`pt2e_quantize` takes a fused model the whole way to
+INT8 with torch's own flow — ``torch.export``, then torchao's PT2E ``prepare_pt2e`` /
+calibration / ``convert_pt2e`` with the X86 inductor quantizer (weights per channel, its
+default, or per tensor) — ``pip install fxfuse[quant]``.
 
 The arithmetic is in :mod:`fxfuse.kernels` (``quantize_symmetric``, ``sqnr_db``).
 """
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +36,7 @@ __all__ = [
     "QuantReport",
     "fake_quantize_weights",
     "output_sqnr",
+    "pt2e_quantize",
     "quant_report",
 ]
 
@@ -46,7 +51,9 @@ class LayerQuantization:
     ``range_ratio``: the per-tensor range (the widest channel's) over the median per-channel
     range — how many times coarser per-tensor steps are than a typical channel needs.
     ``outliers``: output channels wider than ``OUTLIER_RATIO`` × the median. ``sqnr_per_tensor``
-    and ``sqnr_per_channel``: ``10·log10(‖W‖² / ‖W − Q(W)‖²)`` in dB."""
+    and ``sqnr_per_channel``: each output channel's ``10·log10(‖W_c‖² / ‖W_c − Q(W)_c‖²)``,
+    averaged in dB over the channels (each output channel carries its own signal on; the SQNR
+    of the whole tensor would be the widest channels' alone)."""
 
     name: str
     kind: str
@@ -147,11 +154,18 @@ def layer_quantization(name: str, module: nn.Module, bits: int = 8) -> LayerQuan
         shape=tuple(module.weight.shape),
         range_ratio=ratio,
         outliers=outliers,
-        sqnr_per_tensor=kernels.sqnr_db(weight, kernels.quantize_symmetric(weight, bits=bits)),
-        sqnr_per_channel=kernels.sqnr_db(
+        sqnr_per_tensor=_mean_db(weight, kernels.quantize_symmetric(weight, bits=bits)),
+        sqnr_per_channel=_mean_db(
             weight, kernels.quantize_symmetric(weight, bits=bits, per_channel=True)
         ),
     )
+
+
+def _mean_db(weight: Tensor, rounded: Tensor) -> float:
+    """The channels' SQNR averaged in dB (channels kept exactly, or all zero, left out)."""
+    db = kernels.channel_sqnr_db(weight, rounded)
+    db = db[torch.isfinite(db)]
+    return float(db.mean()) if db.numel() else math.inf
 
 
 def quant_report(model: nn.Module, *, bits: int = 8) -> QuantReport:
@@ -182,3 +196,51 @@ def output_sqnr(reference: nn.Module, candidate: nn.Module, inputs: Sequence[Any
     """SQNR (dB) of ``candidate``'s output against ``reference``'s on the same ``inputs``."""
     with torch.no_grad():
         return kernels.sqnr_db(reference(*inputs), candidate(*inputs))
+
+
+def pt2e_quantize(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    calibration: Iterable[Sequence[Any]],
+    *,
+    per_channel: bool = True,
+) -> nn.Module:
+    """``model`` quantized to INT8 by torchao's PT2E flow: ``torch.export`` with
+    ``example_inputs``, ``prepare_pt2e`` with the X86 inductor quantizer (activations uint8
+    per tensor, histogram-calibrated; weights int8 symmetric, per output channel — its default
+    — or, with ``per_channel=False``, per tensor), one forward per item of ``calibration``,
+    then ``convert_pt2e``. Returns the converted ``GraphModule`` (quantize/dequantize ops
+    around float ops: it computes what the INT8 kernels will). ``model`` is not changed.
+
+    Raises:
+        ImportError: torchao is not installed (``pip install fxfuse[quant]``).
+    """
+    try:
+        from torchao.quantization.pt2e import MinMaxObserver
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import QuantizationSpec
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+    except ImportError as error:
+        raise ImportError(
+            f"fxfuse.quant.pt2e_quantize needs torchao ({error}); pip install 'fxfuse[quant]'"
+        ) from error
+    config = get_default_x86_inductor_quantization_config()
+    if not per_channel:
+        weight = QuantizationSpec(
+            dtype=torch.int8,
+            quant_min=-127,
+            quant_max=127,
+            qscheme=torch.per_tensor_symmetric,
+            is_dynamic=False,
+            observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12),
+        )
+        config = dataclasses.replace(config, weight=weight)
+    program = torch.export.export(model, tuple(example_inputs))
+    prepared = prepare_pt2e(program.module(), X86InductorQuantizer().set_global(config))
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(*batch)
+    return convert_pt2e(prepared)
