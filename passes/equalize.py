@@ -243,11 +243,13 @@ class EqualizeLayers(Rule[Chain]):
                 name=layer.name,
             )
             value.meta[EQUALIZED] = True
+            match.redirects[layer.node] = value  # (shape reads of the old layer: timm's asserts)
             for activation in match.activations[k] if k < last else ():
                 source, made = activation.args[0], value
                 value = ctx.graph.node_copy(
                     activation, lambda n, source=source, made=made: made if n is source else n
                 )
+                match.redirects[activation] = value
         return value
 
     def describe(self, match: Chain) -> str:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import fxfuse
 from fxfuse import kernels
 from fxfuse.quant import fake_quantize_weights, output_sqnr
-from fxfuse.testing import relative_error, trained_like_batch_norms
+from fxfuse.testing import count_ops, relative_error, trained_like_batch_norms
 from fxfuse.testing.strategies import LayerChain, chains
 from fxfuse.zoo import (
     ACBlock,
@@ -76,9 +76,12 @@ def test_exact_on_the_zoo(name: str) -> None:
     model = trained_like_batch_norms(ZOO[name]().eval().double())
     in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     for shape in ((1, in_channels, 9, 9), (2, in_channels, 12, 12)):
-        equalized = _check_exact(model, torch.randn(shape, dtype=torch.float64))
+        x = torch.randn(shape, dtype=torch.float64)
+        equalized = _check_exact(model, x)
     fired = equalized.fxfuse_report.counts[RULE]
     assert fired >= 1, equalized.fxfuse_report
+    # the chains were replaced, not run beside their replacements
+    assert count_ops(equalized, x)["conv"] == count_ops(fxfuse.optimize(model), x)["conv"]
 
 
 # -- positive ---------------------------------------------------------------------------------
@@ -126,6 +129,30 @@ def test_depthwise_and_functional_relu() -> None:
     # what equalization is for: per-tensor INT8 weights lose less
     sqnr = [output_sqnr(model, fake_quantize_weights(m), (x,)) for m in (plain, equalized)]
     assert sqnr[1] > sqnr[0] + 3, sqnr
+
+
+def test_shape_asserts_on_the_layers_move_to_the_new_ones() -> None:
+    """timm's ``BatchNormAct2d`` asserts ``x.ndim == 4`` on each conv's output: the fused graph
+    keeps those reads of the conv's shape; they must read the equalized conv, or the old
+    chain stays alive beside the new one."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = conv_bn(4, 8, 3, 1, 1), conv_bn(8, 8, 3, 1, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.a(x)
+            torch._assert(y.ndim == 4, "expected a 4-d input")
+            y = F.relu(y)
+            torch._assert(y.dim() == 4, "expected a 4-d input")
+            return self.b(y)
+
+    model = trained_like_batch_norms(Block().eval()).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    equalized = _check_exact(model, x)
+    assert equalized.fxfuse_report.counts[RULE] == 1
+    assert count_ops(equalized, x)["conv"] == 2
 
 
 def test_linear_layers() -> None:

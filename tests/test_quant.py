@@ -169,6 +169,8 @@ def test_timm_equalization_is_exact_and_raises_int8_sqnr(name: str) -> None:
     plain = fxfuse.optimize(model)
     equalized = fxfuse.optimize(model, equalize=True)
     assert equalized.fxfuse_report.counts["equalize-layers"] >= 1
+    x1 = x[:1]
+    assert count_ops(equalized, x1)["conv"] == count_ops(plain, x1)["conv"]
     gain = output_sqnr(model, fake_quantize_weights(equalized), (x,)) - output_sqnr(
         model, fake_quantize_weights(plain), (x,)
     )
