@@ -7,8 +7,9 @@ README's model table (ops executed, errors, parameters; fxfuse beside timm's con
 ``rdrop`` times one R-Drop training step with ``fxfuse.rdrop``'s twin against two forward
 passes, and their peak memory. ``quant`` measures INT8 after fusion: output SQNR of
 repvgg_a0 and mobileone_s0 (trained-like batch norms) with and without equalization, weights
-alone and through torchao's PT2E flow, per tensor and per channel. ``--quick`` is the short run (a few minutes on 2 cores): four
-models, 10 rounds, 10/100/1,000 blocks. The 10,000-block point is its own command::
+alone and through torchao's PT2E flow, per tensor and per channel. ``--quick`` is the short
+run (a few minutes on 2 cores): four models, 10 rounds, 10/100/1,000 blocks. The
+10,000-block point is its own command::
 
     python -m benchmarks scaling --blocks 10 100 1000 10000
 

@@ -156,9 +156,7 @@ def _flops(value: int) -> str:
     return str(value)
 
 
-def _fuse(
-    model: nn.Module, x: Tensor | None, debug: bool, equalize: bool = False
-) -> GraphModule:
+def _fuse(model: nn.Module, x: Tensor | None, debug: bool, equalize: bool = False) -> GraphModule:
     """``fxfuse.optimize``, with what torch prints to stderr held back until it succeeds.
 
     When symbolic tracing fails and the ``torch.export`` fallback fails too, torch prints the

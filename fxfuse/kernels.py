@@ -54,30 +54,30 @@ __all__ = [
     "align_windows",
     "average_kernel",
     "batch_norm_affine",
-    "channel_magnitudes",
-    "channel_sqnr_db",
-    "equalization_scales",
-    "input_ranges",
-    "output_ranges",
-    "quantize_symmetric",
-    "sqnr_db",
     "bn_scale",
     "bn_shift",
     "cast",
+    "channel_magnitudes",
+    "channel_sqnr_db",
     "compose_bias",
     "compose_kernels",
     "diagonal_kernel",
+    "equalization_scales",
     "exact",
     "expand_groups",
+    "input_ranges",
     "input_shift_bias",
     "merged_bias",
+    "output_ranges",
     "place_kernel",
     "placed_sum",
     "product",
+    "quantize_symmetric",
     "reciprocal",
     "scale_input_channels",
     "scale_kernel",
     "shaped",
+    "sqnr_db",
     "stack_biases",
     "stack_outputs",
 ]
@@ -567,7 +567,10 @@ def equalization_scales(
     ``tolerance`` (relative), or ``max_sweeps``. A channel one side never uses (``r = 0``)
     keeps ``s = 1``. ``magnitudes`` are :func:`channel_magnitudes` of each layer."""
     n = len(magnitudes)
-    ins = [torch.ones(int(m.shape[1]) * g, dtype=torch.float64) for m, g in zip(magnitudes, groups)]
+    ins = [
+        torch.ones(int(m.shape[1]) * g, dtype=torch.float64)
+        for m, g in zip(magnitudes, groups, strict=True)
+    ]
     outs = [torch.ones(int(m.shape[0]), dtype=torch.float64) for m in magnitudes]
     for _ in range(max_sweeps):
         moved = 0.0

@@ -19,8 +19,8 @@ The arithmetic is in :mod:`fxfuse.kernels` (``quantize_symmetric``, ``sqnr_db``)
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,7 +175,9 @@ def quant_report(model: nn.Module, *, bits: int = 8) -> QuantReport:
     return QuantReport(bits, [layer_quantization(n, m, bits) for n, m in _layers(model)])
 
 
-def fake_quantize_weights(model: nn.Module, *, bits: int = 8, per_channel: bool = False) -> nn.Module:
+def fake_quantize_weights(
+    model: nn.Module, *, bits: int = 8, per_channel: bool = False
+) -> nn.Module:
     """A copy of ``model`` whose conv and linear weights are rounded to symmetric ``bits``-bit
     values (per tensor, or per output channel) and stored back in their dtype; biases and
     activations stay as they are. The caller's model is not changed."""

@@ -713,7 +713,8 @@ class _Driver:
     def _fail(self, rule: Rule[Any], match: Match, reason: str) -> None:
         assert self.ctx.validator is not None
         warn(
-            f"fxfuse: {rule.name} at {match.root.name} failed validation and was rolled back: {reason}"
+            f"fxfuse: {rule.name} at {match.root.name} failed validation and was rolled back: "
+            f"{reason}"
         )
         self.ctx.decline(rule, match.root, f"failed validation: {reason}")
         self.ctx.validator.record_failure(rule.name, match.root.name, reason)

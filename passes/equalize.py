@@ -132,13 +132,12 @@ def _follow(
         return None, (), None
     if user.target in _SUMS:
         return None, (), (user, "its output goes into a sum (a residual): its channels must stay")
-    if user.op in ("call_function", "call_method", "call_module") and user.args:
-        if user.args[0] is node:
-            return None, (), (
-                user,
-                f"{_op_name(user, ctx)} after it is not positively homogeneous per channel "
-                "(φ(x/s) ≠ φ(x)/s) nor a layer",
-            )
+    if user.op in ("call_function", "call_method", "call_module") and user.args[:1] == (node,):
+        reason = (
+            f"{_op_name(user, ctx)} after it is not positively homogeneous per channel "
+            "(φ(x/s) ≠ φ(x)/s) nor a layer"
+        )
+        return None, (), (user, reason)
     return None, (), (user, f"{_op_name(user, ctx)} reads its channels: not a layer")
 
 

@@ -3,6 +3,7 @@ where a scale would be seen (a branch point, a residual sum, a non-homogeneous a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -55,10 +56,16 @@ def _weights(model: nn.Module) -> list[Tensor]:
 # -- exact on the zoo -------------------------------------------------------------------------
 
 ZOO: dict[str, Callable[[], nn.Module]] = {
-    "repvgg": lambda: nn.Sequential(RepVGGBlock(4, 8, 2), RepVGGBlock(8, 8), RepVGGBlock(8, 8, 1, 4)),
-    "acnet": lambda: nn.Sequential(ACBlock(4, 6, 3, 1), ACBlock(6, 6, 5, 2), nn.ReLU(), ACBlock(6, 6, 3, 1)),
+    "repvgg": lambda: nn.Sequential(
+        RepVGGBlock(4, 8, 2), RepVGGBlock(8, 8), RepVGGBlock(8, 8, 1, 4)
+    ),
+    "acnet": lambda: nn.Sequential(
+        ACBlock(4, 6, 3, 1), ACBlock(6, 6, 5, 2), nn.ReLU(), ACBlock(6, 6, 3, 1)
+    ),
     "mobileone": lambda: nn.Sequential(
-        MobileOneBlock(6, 6, 3, 1, groups=6), MobileOneBlock(6, 12, 1), MobileOneBlock(12, 12, 3, 2, 12)
+        MobileOneBlock(6, 6, 3, 1, groups=6),
+        MobileOneBlock(6, 12, 1),
+        MobileOneBlock(12, 12, 3, 2, 12),
     ),
     "csla": lambda: nn.Sequential(CSLABlock(6), nn.ReLU(), CSLABlock(6)),
     "repvit": lambda: nn.Sequential(RepViTMixer(6), nn.ReLU(), conv_bn(6, 6, 1, 1, 0)),
@@ -113,7 +120,11 @@ def test_depthwise_and_functional_relu() -> None:
     class Block(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.dw, self.b = conv_bn(4, 8, 1, 1, 0), conv_bn(8, 8, 3, 1, 1, 8), conv_bn(8, 6, 1, 1, 0)
+            self.a, self.dw, self.b = (
+                conv_bn(4, 8, 1, 1, 0),
+                conv_bn(8, 8, 3, 1, 1, 8),
+                conv_bn(8, 6, 1, 1, 0),
+            )
 
         def forward(self, x: Tensor) -> Tensor:
             return self.b(torch.relu(self.dw(F.relu(self.a(x)))))
@@ -185,7 +196,12 @@ def test_with_example_inputs_and_verify() -> None:
 
 @pytest.mark.parametrize(
     ("between", "reason"),
-    [(nn.ReLU6(), "ReLU6"), (nn.SiLU(), "SiLU"), (nn.GELU(), "GELU"), (nn.Hardswish(), "Hardswish")],
+    [
+        (nn.ReLU6(), "ReLU6"),
+        (nn.SiLU(), "SiLU"),
+        (nn.GELU(), "GELU"),
+        (nn.Hardswish(), "Hardswish"),
+    ],
 )
 def test_not_across_a_non_homogeneous_activation(between: nn.Module, reason: str) -> None:
     model = _two_convs(between)
@@ -199,7 +215,11 @@ def test_not_across_a_non_homogeneous_activation(between: nn.Module, reason: str
 class BranchPoint(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.c = conv_bn(4, 8, 3, 1, 1), conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1, 1, 0)
+        self.a, self.b, self.c = (
+            conv_bn(4, 8, 3, 1, 1),
+            conv_bn(8, 8, 3, 1, 1),
+            conv_bn(8, 8, 1, 1, 0),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.relu(self.a(x))
@@ -262,7 +282,7 @@ def test_drawn_chains_are_exact_and_balanced(chain: LayerChain) -> None:
     assert 1 <= len(layers) <= len(chain.spec.groups)
     # every pair balanced: output channel c of one layer and input channel c of the next
     # have the same range, where both are used
-    for first, second in zip(layers, layers[1:], strict=False):
+    for first, second in itertools.pairwise(layers):
         groups = getattr(second, "groups", 1)
         ones_in = torch.ones(second.weight.shape[1] * groups, dtype=torch.float64)
         ones_out = torch.ones(second.weight.shape[0], dtype=torch.float64)

@@ -49,21 +49,21 @@ __all__ = [
     "BranchSpec",
     "DrawnModel",
     "InputCase",
+    "LayerChain",
     "ModelSpec",
     "block_specs",
     "blocks",
     "build_block",
     "build_inputs",
     "build_model",
+    "chain_specs",
+    "chains",
     "input_axes",
     "input_cases",
     "input_for",
     "inputs_like",
     "model_inputs",
     "model_specs",
-    "LayerChain",
-    "chain_specs",
-    "chains",
     "models",
     "models_with_inputs",
 ]
@@ -483,7 +483,13 @@ def chain_specs(draw: st.DrawFn, *, max_layers: int = 4) -> ChainSpec:
     activations = tuple(draw(st.sampled_from(CHAIN_ACTIVATIONS)) for _ in range(n - 1))
     spread = draw(st.floats(0.0, 2.0))
     return ChainSpec(
-        ndim, channels, tuple(groups), tuple(kernels), activations, spread, draw(st.integers(0, 2**16))
+        ndim,
+        channels,
+        tuple(groups),
+        tuple(kernels),
+        activations,
+        spread,
+        draw(st.integers(0, 2**16)),
     )
 
 
