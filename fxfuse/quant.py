@@ -115,7 +115,10 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1) :]
 
 
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+WeightLayer = _ConvNd | nn.Linear
+
+
+def _layers(model: nn.Module) -> list[tuple[str, WeightLayer]]:
     return [
         (name, module)
         for name, module in model.named_modules()
@@ -123,7 +126,7 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _output_major(module: nn.Module) -> Tensor:
+def _output_major(module: WeightLayer) -> Tensor:
     """The weight with output channels on dim 0 (a transposed conv's are on dim 1, per group)."""
     weight = module.weight.detach()
     if isinstance(module, _ConvNd) and module.transposed:
@@ -133,14 +136,14 @@ def _output_major(module: nn.Module) -> Tensor:
     return weight
 
 
-def _kind(module: nn.Module) -> str:
+def _kind(module: WeightLayer) -> str:
     if isinstance(module, nn.Linear):
         return "linear"
     text = "x".join(map(str, module.kernel_size)) + (" convT" if module.transposed else " conv")
     return text + (f" g{module.groups}" if module.groups != 1 else "")
 
 
-def layer_quantization(name: str, module: nn.Module, bits: int = 8) -> LayerQuantization:
+def layer_quantization(name: str, module: WeightLayer, bits: int = 8) -> LayerQuantization:
     """:class:`LayerQuantization` of one conv or linear ``module``."""
     weight = kernels.exact(_output_major(module))
     ranges = weight.reshape(weight.shape[0], -1).abs().amax(dim=1)

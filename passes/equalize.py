@@ -27,8 +27,9 @@ not with live weights (the compile backend), which change between calls.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,11 @@ def _previous(layer: Layer, ctx: RewriteContext) -> Layer | None:
     return before if following is not None and following.node is layer.node else None
 
 
+def _reading(old: Any, new: Node) -> Callable[[Node], Node]:
+    """The argument map of a node copy that reads ``new`` where the original read ``old``."""
+    return lambda n: new if n is old else n
+
+
 class EqualizeLayers(Rule[Chain]):
     """``l₂(φ(l₁(x))) -> l₂'(φ(l₁'(x)))``: output channel ``c`` of ``l₁`` ÷ ``s_c``, input
     channel ``c`` of ``l₂`` × ``s_c``, along whole chains."""
@@ -244,10 +250,7 @@ class EqualizeLayers(Rule[Chain]):
             value.meta[EQUALIZED] = True
             match.redirects[layer.node] = value  # (shape reads of the old layer: timm's asserts)
             for activation in match.activations[k] if k < last else ():
-                source, made = activation.args[0], value
-                value = ctx.graph.node_copy(
-                    activation, lambda n, source=source, made=made: made if n is source else n
-                )
+                value = ctx.graph.node_copy(activation, _reading(activation.args[0], value))
                 match.redirects[activation] = value
         return value
 
