@@ -129,6 +129,20 @@ def test_keep_post_sum_bn_keeps_only_those() -> None:
 # -- PT2E (torchao) ---------------------------------------------------------------------------
 
 
+def test_exported_layers_carry_their_own_module_stack() -> None:
+    """PT2E quantizers find layers by the ``nn_module_stack`` torch.export records: a fused
+    conv's must name the conv fxfuse emitted, not the batch norm or sum it replaced."""
+    model = repvgg_net().eval()
+    x = torch.randn(2, 3, 16, 16)
+    fused = fxfuse.optimize(model, (x,), equalize=True)
+    program = torch.export.export(fused, (x,))
+    layers = [n for n in program.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    assert len(layers) == 5
+    for node in layers:
+        path, kind = list(node.meta["nn_module_stack"].values())[-1]
+        assert str(kind).endswith("Conv2d") and isinstance(fused.get_submodule(path), nn.Conv2d)
+
+
 def test_pt2e_end_to_end() -> None:
     pytest.importorskip("torchao")
     from fxfuse.quant import pt2e_quantize
