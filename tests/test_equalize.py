@@ -9,14 +9,14 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from torch import Tensor, nn
 
 import fxfuse
 from fxfuse import kernels
 from fxfuse.quant import fake_quantize_weights, output_sqnr
 from fxfuse.testing import count_ops, relative_error, trained_like_batch_norms
-from fxfuse.testing.strategies import LayerChain, chains
+from fxfuse.testing.strategies import DrawnModel, LayerChain, chains, models
 from fxfuse.zoo import (
     ACBlock,
     CSLABlock,
@@ -292,3 +292,14 @@ def test_drawn_chains_are_exact_and_balanced(chain: LayerChain) -> None:
         used = (r1 > 0) & (r2 > 0)
         ratio = (r1[used] / r2[used]).log().abs()
         assert ratio.numel() == 0 or float(ratio.max()) < 0.05, (r1, r2)
+
+
+# (each example fuses a whole model twice and counts its ops: fewer than the profile's)
+@settings(max_examples=min(settings.default.max_examples, 12))
+@given(models(torch.float64, max_blocks=3))
+def test_drawn_models_stay_exact(model: DrawnModel) -> None:
+    """Whole drawn models (multi-branch blocks, activations, heads): equalizing what fused
+    changes nothing they compute, and runs no more convs than fusing alone."""
+    x = model.spec.example_input(dtype=torch.float64)
+    equalized = _check_exact(model, x)
+    assert count_ops(equalized, x)["conv"] == count_ops(fxfuse.optimize(model), x)["conv"]
