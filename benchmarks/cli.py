@@ -5,11 +5,13 @@ prints where ``optimize`` spends its time (cProfile, per phase); ``equivalence``
 README's model table (ops executed, errors, parameters; fxfuse beside timm's converter).
 ``live`` times the compile backend's live weights against fused ones (per-call cost).
 ``rdrop`` times one R-Drop training step with ``fxfuse.rdrop``'s twin against two forward
-passes, and their peak memory. ``quant`` measures INT8 after fusion: output SQNR of
-repvgg_a0 and mobileone_s0 (trained-like batch norms) with and without equalization, weights
-alone and through torchao's PT2E flow, per tensor and per channel. ``--quick`` is the short
-run (a few minutes on 2 cores): four models, 10 rounds, 10/100/1,000 blocks. The
-10,000-block point is its own command::
+passes, and their peak memory. ``training`` times one training step of a CSLA network as
+written, online-merged (``fxfuse.online_merge``) and plain (``fxfuse.gradient_reparam``),
+and their peak memory. ``quant`` measures INT8 after fusion: output SQNR of repvgg_a0 and
+mobileone_s0 (trained-like batch norms) with and without equalization, weights alone and
+through torchao's PT2E flow, per tensor and per channel. ``--quick`` is the short run (a few
+minutes on 2 cores): four models, 10 rounds, 10/100/1,000 blocks. The 10,000-block point is
+its own command::
 
     python -m benchmarks scaling --blocks 10 100 1000 10000
 
@@ -39,6 +41,7 @@ from benchmarks import (
     quant,
     rdrop,
     scaling,
+    training,
 )
 from benchmarks.common import OUT, cold_compiles, load_results, machine, save_section
 from fxfuse.bench import VARIANTS
@@ -106,6 +109,19 @@ def run_rdrop(args: argparse.Namespace) -> None:
     save_section(args.json, "rdrop", {"machine": env, "models": models})
 
 
+def run_training(args: argparse.Namespace) -> None:
+    device = _device(args.device)
+    env = machine(device)
+    models = training.run(
+        args.models or training.QUICK,
+        batch=args.batch or 32,
+        rounds=args.rounds or (10 if args.quick else 30),
+        device=device,
+    )
+    env["load_average_after"] = machine(device)["load_average"]
+    save_section(args.json, "training", {"machine": env, "models": models})
+
+
 def run_quant(args: argparse.Namespace) -> None:
     env = machine("cpu")
     rows = quant.run(
@@ -142,8 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="all",
-        choices=["all", "latency", "scaling", "memory", "profile", "plot", "markdown",
-                 "equivalence", "live", "rdrop", "quant"],
+        choices=[
+            "all",
+            "latency",
+            "scaling",
+            "memory",
+            "profile",
+            "plot",
+            "markdown",
+            "equivalence",
+            "live",
+            "rdrop",
+            "training",
+            "quant",
+        ],
     )
     parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
     parser.add_argument("--models", nargs="+", metavar="SPEC", help="model specs to measure")
@@ -166,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     parser.add_argument("--blocks", type=int, nargs="+", help="synthetic network sizes")
-    parser.add_argument("--batch", type=int, default=None, help="rdrop, quant: the batch size")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="rdrop, training, quant: the batch size"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="optimize runs per size")
     parser.add_argument("--json", type=Path, default=OUT / "results.json")
     parser.add_argument("--png", type=Path, default=OUT / "benchmarks.png")
@@ -188,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profile": run_profile,
         "live": run_live,
         "rdrop": run_rdrop,
+        "training": run_training,
         "quant": run_quant,
         "markdown": lambda a: None,
         "plot": lambda a: None,

@@ -184,14 +184,18 @@ def memory_here(spec: str, variant: str, batch: int, device: str) -> dict[str, A
     return {"peak_bytes": peak, "how": "RSS high-water mark"}
 
 
-def measure_memory(spec: str, variant: str, batch: int, device: str) -> dict[str, Any]:
+def measure_memory(
+    spec: str, variant: str, batch: int, device: str, module: str = "benchmarks.rdrop"
+) -> dict[str, Any]:
+    """``module``'s ``memory_here`` in a fresh child process (``python -m module SPEC VARIANT
+    BATCH DEVICE``)."""
     env = {
         **os.environ,
         "MALLOC_MMAP_THRESHOLD_": "65536",
         "FXFUSE_BENCH_THREADS": str(torch.get_num_threads()),
     }
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.rdrop", spec, variant, str(batch), device],
+        [sys.executable, "-m", module, spec, variant, str(batch), device],
         capture_output=True,
         text=True,
         check=False,

@@ -30,6 +30,7 @@ from fxfuse.quant import QuantReport, quant_report
 from fxfuse.rdrop import rdrop, rdrop_loss
 from fxfuse.report import Decline, FusionReport, GraphStats, Part, Rewrite
 from fxfuse.rules import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
+from fxfuse.training import expand, gradient_reparam, online_merge
 from fxfuse.verify import VerificationReport, verify
 
 __all__ = [
@@ -55,6 +56,9 @@ __all__ = [
     "VerificationError",
     "VerificationReport",
     "deploy_state_dict",
+    "expand",
+    "gradient_reparam",
+    "online_merge",
     "optimize",
     "quant_report",
     "rdrop",

@@ -1,17 +1,18 @@
 """``torch.compile(model, backend="fxfuse")``: fuse every graph dynamo captures, then compile it.
 
 Dynamo hands a backend torch-level ops (``torch.conv2d``, ``F.batch_norm``, ``operator.add``)
-with the parameters and buffers lifted to graph inputs that it does **not** guard on (DESIGN
-trap 3): a second instance of the same class reuses the compiled code with its own weights,
-and weights change under it — an optimizer step (``fused=True`` ones included), batch-norm
-statistics re-estimated by a forward pass in training mode, ``p.data.mul_(…)`` — without any
-version counter seeing it. So the fused graph never bakes a weight: it computes its fused
-weights from the weight inputs on every call (:mod:`fxfuse.weights`, "live" weights), exactly,
-in float64, and differentiably — the same graph serves every instance and every update, and
-with gradients enabled it trains the original parameters (the merged kernel is computed from
-the branches on every step: the multi-branch model's gradients at one conv's activation cost).
-The cost is that weight arithmetic per call (``benchmarks/RESULTS.md`` measures it); with
-``inner="inductor"`` it is compiled with the rest.
+with the parameters and buffers lifted to graph inputs that it does **not** guard on
+(docs/design.md, trap 3): a second instance of the same class reuses the compiled code with its
+own weights, and weights change under it — an optimizer step (``fused=True`` ones included),
+batch-norm statistics re-estimated by a forward pass in training mode, ``p.data.mul_(…)`` —
+without any version counter seeing it. So the fused graph never bakes a weight: it computes its
+fused weights from the weight inputs (:mod:`fxfuse.weights`, "live" weights), exactly, in
+float64, and differentiably — the same graph serves every instance and every update, and with
+gradients enabled it trains the original parameters (the merged kernel is computed from the
+branches on every step: the multi-branch model's gradients at one conv's activation cost).
+Without gradients the fused weights are kept while a :class:`Fingerprint` of the weight inputs,
+taken on every call, is unchanged; that check is the per-call cost (``python -m benchmarks
+live``; ``benchmarks/RESULTS.md``).
 
 Options (``torch.compile(..., options={...})``):
 
@@ -153,7 +154,7 @@ class _LiveWeights:
 
     With gradients enabled for a weight, every call runs both (autograd reaches the
     parameters). Otherwise the fused weights are kept and reused while a fingerprint of the
-    weight inputs stays the same (:func:`fingerprint`); any update, whether a version counter
+    weight inputs stays the same (:class:`Fingerprint`); any update, whether a version counter
     saw it or not, changes it, and the next call recomputes them."""
 
     def __init__(
@@ -165,7 +166,8 @@ class _LiveWeights:
         self.weights = weight_part
         self.arity = arity
         self._cached: tuple[Any, ...] | None = None
-        self._print: Tensor | None = None
+        self._fingerprint = Fingerprint([args[i] for i in self.weight_indices])
+        self._print: list[Tensor] | None = None
         with torch.no_grad():
             boundary = tuple(self.weights(*[args[i] for i in self.weight_indices]))
         self.rest = inner(rest, [*args, *boundary])
@@ -175,43 +177,88 @@ class _LiveWeights:
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             self._cached = None  # (they are about to change)
             return self.rest(*args, *self.weights(*weights))
-        current = fingerprint(weights)
-        if self._cached is None or self._print is None or not torch.equal(current, self._print):
+        current = self._fingerprint(weights)
+        if self._cached is None or not Fingerprint.same(self._print, current):
             with torch.no_grad():
                 self._cached = tuple(self.weights(*weights))
             self._print = current
         return self.rest(*args, *self._cached)
 
 
-_PROJECTIONS: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+class Fingerprint:
+    """What a set of weights holds, summed up cheaply enough to check on every call.
 
+    Each large tensor is read as a matrix of rows of :data:`ROW` elements and summed up by its
+    row sums and its column sums (each element is in one of each, so a change to one element
+    moves its row's sum, and moving values around within a row or a column moves the other);
+    small tensors (batch-norm statistics, biases, row tails) are kept as they are, in one
+    ``torch.cat``. :meth:`same` compares two summaries *exactly*: any change to an element of a
+    small tensor is seen, and any change to a large one that moves a row sum by more than the
+    float32 rounding of a 256-term sum (about 1e-6 of the row's size) or that permutes values —
+    short of changes that keep every row and column sum, which no optimizer step, statistics
+    update or load makes. It needs no version counter: ``p.data`` updates, fused optimizers and
+    batch-norm statistics updated by a forward pass are all seen. Costs two memory-bound
+    reductions per large tensor and one copy of the small ones (planned once for the tensors'
+    shapes, which the compiled graph fixes); a sum that differs only because a reduction was
+    ordered differently (another thread count) costs one recomputation of the weights, never
+    a stale one.
+    """
 
-def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
-    """A few float64 numbers summing up ``tensors``: ``Σ tᵢ·rᵢ`` over all their elements with a
-    fixed random ``r``, accumulated in float64, one number per dtype and device. Any change to
-    an element larger than about 1e-7 of its own magnitude moves it (a product is rounded to
-    float32 at most), short of changes that cancel exactly against ``r`` — far below anything
-    that moves a model's outputs beyond float32 rounding. It reads each weight once, in a few
-    ops whatever the number of tensors, and needs no version counter: ``p.data`` updates, fused
-    optimizers and batch-norm statistics updated by a forward pass are all seen."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    with torch.no_grad():
+    ROW = 256
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        # per group (device, dtype): its length, and per tensor: (group, offset, rows) where a
+        # large tensor's row sums, then column sums, start at offset; small values go last
+        self._plan: list[tuple[tuple[torch.device, torch.dtype], int, int]] = []
+        self._sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        small: dict[tuple[torch.device, torch.dtype], int] = {}
         for t in tensors:
-            flat = t.detach().reshape(-1)
-            if flat.dtype not in (torch.float32, torch.float64):
-                flat = flat.float()
-            groups.setdefault((flat.device, flat.dtype), []).append(flat)
-        sums = []
-        for (device, dtype), flats in groups.items():
-            values = torch.cat(flats) if len(flats) > 1 else flats[0]
-            key = (values.numel(), device, dtype)
-            r = _PROJECTIONS.get(key)
-            if r is None:
-                generator = torch.Generator().manual_seed(values.numel())
-                r = torch.rand(values.numel(), generator=generator, dtype=torch.float64) + 0.5
-                r = _PROJECTIONS.setdefault(key, r.to(device=device, dtype=dtype))
-            sums.append(torch.sum(values * r, dtype=torch.float64).cpu())
-    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+            key = (t.device, _summary_dtype(t.dtype))
+            rows = t.numel() // self.ROW if t.numel() >= 4 * self.ROW else 0
+            offset = self._sizes.get(key, 0)
+            self._plan.append((key, offset, rows))
+            self._sizes[key] = offset + (rows + self.ROW if rows else 0)
+            small[key] = small.get(key, 0) + t.numel() - rows * self.ROW
+        self._small_at = dict(self._sizes)
+        for key, n in small.items():
+            self._sizes[key] += n
+
+    def __call__(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The summary of ``tensors`` (the same shapes, dtypes and devices as planned)."""
+        summary = {
+            key: torch.empty(size, device=key[0], dtype=key[1]) for key, size in self._sizes.items()
+        }
+        small: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {k: [] for k in summary}
+        with torch.no_grad():
+            for t, (key, offset, rows) in zip(tensors, self._plan, strict=True):
+                flat = t.detach()
+                if flat.dtype != key[1]:
+                    flat = flat.to(key[1])
+                if flat.dim() != 1:
+                    flat = flat.reshape(-1)
+                if rows:
+                    body = rows * self.ROW
+                    matrix = flat[:body].view(rows, self.ROW)
+                    out = summary[key]
+                    torch.sum(matrix, 1, out=out[offset : offset + rows])
+                    torch.sum(matrix, 0, out=out[offset + rows : offset + rows + self.ROW])
+                    if body < flat.numel():
+                        small[key].append(flat[body:])
+                else:
+                    small[key].append(flat)
+            for key, values in small.items():
+                if values:
+                    torch.cat(values, out=summary[key][self._small_at[key] :])
+        return list(summary.values())
+
+    @staticmethod
+    def same(a: Sequence[Tensor] | None, b: Sequence[Tensor]) -> bool:
+        return a is not None and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _summary_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 and integers (exact up to 2**53) are summed up in float64, the rest in float32."""
+    return torch.float64 if dtype == torch.float64 or not dtype.is_floating_point else torch.float32
 
 
 def _split_weights(
@@ -228,11 +275,13 @@ def _split_weights(
     effects = Effects(graph, fused.get_submodule, held.get)
     pure: set[Node] = {n for n in weight_nodes if not effects.written(n)}
     for node in graph.nodes:
-        if node.op in ("call_function", "call_method", "get_attr") and all(
-            i in pure for i in node.all_input_nodes
+        if (
+            node.op in ("call_function", "call_method", "get_attr")
+            and all(i in pure for i in node.all_input_nodes)
+            and (node.op == "get_attr" or node.all_input_nodes)
+            and effects.pure(node)
         ):
-            if (node.op == "get_attr" or node.all_input_nodes) and effects.pure(node):
-                pure.add(node)
+            pure.add(node)
     boundary = [
         n
         for n in graph.nodes

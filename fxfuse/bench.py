@@ -27,14 +27,13 @@ reported as failed with its error. Neither stops the others.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 import fxfuse
-from fxfuse.compare import tolerance_for
+from fxfuse.compare import ieee_float32, tolerance_for
 from fxfuse.console import format_seconds, native_stderr_to_log, progress, table
 from fxfuse.testing import count_ops_profiled, relative_error
 
@@ -343,19 +342,6 @@ def _build(
     return built, time.perf_counter() - start
 
 
-@contextlib.contextmanager
-def _full_precision() -> Iterator[None]:
-    """TensorFloat-32 off while measuring: with it on (cuDNN's default), every CUDA
-    convolution rounds its inputs to 10 mantissa bits, errors near 1e-3 drown the ones
-    being compared, and a conversion that changed the arithmetic would pass unseen."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def compare(
     model: nn.Module,
     inputs: Sequence[Tensor],
@@ -374,7 +360,7 @@ def compare(
     modified: every converter works on a copy or builds a new module. On CUDA, TensorFloat-32
     is off for the whole comparison (every variant computes in full float32).
     """
-    with _full_precision():
+    with ieee_float32():
         return _compare(
             model, tuple(inputs), spec, variants, rounds, warmup, convert_repeats, show_progress
         )

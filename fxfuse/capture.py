@@ -6,7 +6,7 @@ changes:
 - parameter and buffer names are looked up in a map built once per trace. ``torch.fx`` finds a
   tensor's name by scanning every parameter of the model for every functional use
   (``F.batch_norm(x, self.running_mean, …)``), which makes tracing quadratic: on timm's
-  mobileone_s0 that is most of fxfuse's time (DESIGN.md, trap 9);
+  mobileone_s0 that is most of fxfuse's time (docs/design.md, trap 9);
 - leaves by class (``leaf_modules=``) and by instance (a submodule with hooks, or one whose
   own code cannot be traced): the parent is traced around them;
 - arguments are bound the way the module is called: non-tensor arguments with a default

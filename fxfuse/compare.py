@@ -7,7 +7,7 @@ Both :func:`fxfuse.verify` (whole models on drawn inputs) and the per-rewrite ch
   each tensor is named by its path (``output[1]['logits']``);
 - a tensor's error is normalised, ``‖candidate − reference‖ / ‖reference‖`` in float64
   (``‖Δ‖`` alone when the reference is zero): randomly initialised networks reach 1e15, so a
-  bare absolute tolerance means nothing (DESIGN.md, trap 5);
+  bare absolute tolerance means nothing (docs/design.md, trap 5);
 - the tolerance depends on the dtype, the less precise of the two tensors';
 - a non-finite value where the reference is finite is a failure whatever the error; positions
   where the reference itself is not finite are left out of the comparison.
@@ -15,6 +15,7 @@ Both :func:`fxfuse.verify` (whole models on drawn inputs) and the per-rewrite ch
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "Difference",
     "StructureMismatch",
     "compare_outputs",
+    "ieee_float32",
     "normalised_error",
     "paired_leaves",
     "tolerance_for",
@@ -254,3 +256,28 @@ def compare_outputs(
             failures, key=lambda d: d.error / d.tolerance if d.tolerance else math.inf
         )
     return comparison
+
+
+@contextlib.contextmanager
+def ieee_float32(active: bool = True) -> Iterator[None]:
+    """Full float32 precision for CUDA convs and matmuls (no TF32) while comparing (verifying,
+    benchmarking): TF32's 10-bit mantissa would hide a 1e-3 error and flag a correct fusion."""
+    if not active:
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+    else:  # pragma: no cover - torch before the fp32_precision API
+        legacy = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = legacy

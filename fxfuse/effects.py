@@ -1,8 +1,8 @@
 """Effects: what each node of a graph may do besides computing its value.
 
 A rewrite replaces values; it must not change *when* or *whether* an effect happens, nor what a
-read sees (DESIGN.md, "Effects"). This module answers, for any node of a ``torch.fx`` graph in any
-dialect fxfuse reads (modules, ``torch``/``F`` functions and tensor methods, aten ops):
+read sees (docs/design.md, "Effects"). This module answers, for any node of a ``torch.fx``
+graph in any dialect fxfuse reads (modules, ``torch``/``F`` functions and tensor methods, aten ops):
 
 - :meth:`Effects.writes`: the inputs it may change in place — aten schemas that mark an argument
   written, ``_``-suffixed ops, ``out=``, ``inplace=True``, ``x += y``, ``x[i] = v``, modules built

@@ -62,7 +62,8 @@ def conv_padding(
 ) -> tuple[tuple[int, int], ...]:
     """Per-dim (left, right) padding of a conv's ``padding`` argument.
 
-    ``"same"`` pads ``d·(k−1)`` in total with the extra position on the right (DESIGN trap 6)."""
+    ``"same"`` pads ``d·(k−1)`` in total with the extra position on the right
+    (docs/design.md, trap 6)."""
     n = len(kernel_size)
     if padding == "valid":
         return ((0, 0),) * n

@@ -208,7 +208,7 @@ def scale_kernel(
 
     A transposed conv's weight is ``[in, out/g, k…]``: output channel ``o`` of group ``G``
     lives at ``W[G·in/g : (G+1)·in/g, o − G·out/g]``, so the scale applies per group on dim 1
-    (never on dim 0: DESIGN trap 4)."""
+    (never on dim 0: docs/design.md trap 4)."""
     w = exact(weight)
     if transposed:
         in_channels, out_per_group = w.shape[0], w.shape[1]
@@ -515,6 +515,34 @@ def align_windows(windows: Sequence[Window]) -> MergedWindow:
     )
     right = max(w.right for w in windows)
     return MergedWindow(kernel, dilation, left, right, offsets, steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient re-parameterization (RepOptimizer)
+# --------------------------------------------------------------------------------------------
+
+
+@shaped(lambda columns: tuple(columns[0].shape))
+def gradient_multiplier(columns: Sequence[Tensor]) -> Tensor:
+    """``M = Σ uᵢ²`` (float64), where ``uᵢ = Jᵢ·1`` is where branch ``i``'s parameter lands in
+    the merged weight ``W = Σ Jᵢ θᵢ + C``, each element at one position, scaled:
+    ``uᵢ = sᵢ·maskᵢ`` and ``M = Σ sᵢ²·maskᵢ``. For such ``J``, ``J Jᵀ = diag(M)``: SGD on the
+    ``θᵢ`` moves ``W`` as SGD on ``W`` with the gradient ``M ⊙ ∂L/∂W``."""
+    total = exact(columns[0]) ** 2
+    for u in columns[1:]:
+        total = total + exact(u).to(total.device) ** 2
+    return total
+
+
+@shaped(lambda grad, multiplier, constant, decay: tuple(grad.shape))
+def reparam_gradient(grad: Tensor, multiplier: Tensor, constant: Tensor, decay: float) -> Tensor:
+    """The gradient a plain SGD step (which adds ``decay · W`` itself) needs to move ``W`` as
+    SGD with weight decay moves the branches: ``M ⊙ G − decay · C``, so that the step uses
+    ``M ⊙ G + decay · (W − C)`` (``J (Jᵀ G + decay·θ)``). In ``grad``'s dtype."""
+    g = exact(grad) * exact(multiplier).to(exact(grad).device)
+    if decay:
+        g = g - decay * exact(constant).to(g.device)
+    return g.to(grad.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ def _capture(
     concrete_args: dict[str, Any] | None,
 ) -> tuple[Graph, dict[str, Tensor]]:
     """``model``'s graph with every target under ``model.``; the tensor constants ``torch.fx``
-    sets as attributes of the model (DESIGN trap 18) are taken back and kept apart.
+    sets as attributes of the model (docs/design.md trap 18) are taken back and kept apart.
 
     Traced as :func:`fxfuse.capture.symbolic_capture` traces (buffers as graph inputs, else
     read while tracing), with each node's line of code recorded for messages."""
@@ -386,8 +386,9 @@ def _user_frame(stack: traceback.StackSummary) -> str:
 
 
 def _refuse_traced_hooks(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...]) -> None:
-    """Tracing runs a traced-through module's hooks once, with placeholders (DESIGN trap 17):
-    the twin would never run them. Modules kept whole run theirs, on the doubled batch."""
+    """Tracing runs a traced-through module's hooks once, with placeholders
+    (docs/design.md, trap 17): the twin would never run them. Modules kept whole run theirs, on
+    the doubled batch."""
     tracer = Tracer(leaf_modules)
     kept: list[str] = []
     for name, module in model.named_modules():

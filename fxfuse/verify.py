@@ -41,7 +41,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from fxfuse.compare import Comparison, Difference, compare_outputs
+from fxfuse.compare import Comparison, Difference, compare_outputs, ieee_float32
 from fxfuse.errors import NondeterministicError, VerificationError
 
 __all__ = ["VerificationReport", "buffers_restored", "fresh_copies", "verify"]
@@ -105,31 +105,6 @@ def _strategies() -> ModuleType:
 # --------------------------------------------------------------------------------------------
 # Running models without changing them
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _ieee_float32(active: bool) -> Iterator[None]:
-    """Full float32 precision for CUDA convs and matmuls (no TF32) while verifying: TF32's
-    10-bit mantissa would hide a 1e-3 error and flag a correct fusion."""
-    if not active:
-        yield
-        return
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    matmul = torch.backends.cuda.matmul
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        saved = conv.fp32_precision, matmul.fp32_precision
-        conv.fp32_precision = matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = saved
-    else:  # pragma: no cover - torch before the fp32_precision API
-        legacy = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = legacy
 
 
 @contextlib.contextmanager
@@ -522,7 +497,7 @@ def verify(
     with (
         torch.no_grad(),
         buffers_restored(*models),
-        _ieee_float32(_on_cuda(models, example)),
+        ieee_float32(_on_cuda(models, example)),
     ):
         job.check_example()
         job.choose_axes(batch_sizes, spatial)

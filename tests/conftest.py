@@ -11,17 +11,29 @@ from hypothesis import HealthCheck, settings
 # "dev" is the quick default; "ci" (more examples, derandomized) when CI is set, or choose one
 # with HYPOTHESIS_PROFILE.
 settings.register_profile(
-    "dev", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-    database=None, print_blob=True,
+    "dev",
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
+    print_blob=True,
 )
 settings.register_profile(
-    "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-    database=None, print_blob=True, derandomize=True,
+    "ci",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
+    print_blob=True,
+    derandomize=True,
 )
 # "many" is for bug hunting by hand: HYPOTHESIS_PROFILE=many HYPOTHESIS_EXAMPLES=2000 pytest ...
 settings.register_profile(
-    "many", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "500")), deadline=None,
-    suppress_health_check=[HealthCheck.too_slow], database=None,
+    "many",
+    max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "500")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 

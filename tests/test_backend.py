@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
-
 from collections.abc import Callable
 
 import pytest
@@ -187,7 +185,7 @@ def test_dynamic_shapes() -> None:
 
 
 def test_conv_transpose_bn_in_equals_out_under_inductor() -> None:
-    # Inductor's own freezing scales weight dim 0 here (DESIGN trap 4); fxfuse folds dim 1.
+    # Inductor's own freezing scales weight dim 0 here (docs/design.md trap 4); fxfuse folds dim 1.
     model = nn.Sequential(nn.ConvTranspose2d(6, 6, 3, stride=2, groups=3), nn.BatchNorm2d(6))
     model = randomize_batch_norms(model.eval())
     compiled = torch.compile(model, backend="fxfuse", options={"inner": "inductor"})
@@ -238,3 +236,48 @@ def test_dynamic_shapes_still_fold_batch_norms() -> None:
         compiled(torch.randn(2, 3, 17, 17))
     assert fxfuse.backend.REPORTS[-1].after.batch_norms == 0
     assert fxfuse.backend.REPORTS[-1].after.convs == 5
+
+
+def _fingerprint_changes(weights: list[Tensor], change: Callable[[list[Tensor]], None]) -> bool:
+    fingerprint = fxfuse.backend.Fingerprint(weights)
+    before = fingerprint(weights)
+    assert fxfuse.backend.Fingerprint.same(before, fingerprint(weights))  # deterministic
+    change(weights)
+    return not fxfuse.backend.Fingerprint.same(before, fingerprint(weights))
+
+
+def _weights() -> list[Tensor]:
+    torch.manual_seed(0)
+    return [
+        torch.randn(64, 32, 3, 3),  # large: rows of 256 and a tail
+        torch.randn(32, 64, 3, 3).transpose(0, 1),  # large, not contiguous
+        torch.randn(64),  # small: kept as it is
+        torch.randn(16, 100, dtype=torch.float64),
+        torch.tensor(7),  # an integer buffer (num_batches_tracked)
+        torch.randn(40, 40).half(),
+    ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda w: w[0].view(-1)[1000].mul_(1 + 1e-4),  # one element of a large tensor, slightly
+        lambda w: w[0].view(-1)[-1].add_(1e-3),  # in the tail that is not a whole row
+        lambda w: w[0].copy_(w[0].flip(0)),  # whole rows swapped: each row's sum moves
+        lambda w: w[0].view(-1)[:512].copy_(w[0].view(-1)[:512].view(2, 256).flip(0).reshape(-1)),
+        lambda w: w[0].copy_(w[0].flip(-1)),  # every kernel flipped: values move within rows
+        lambda w: w[1][3, 5, 1, 1].add_(1e-3),
+        lambda w: w[2][7].add_(1e-7),  # small tensors are compared exactly
+        lambda w: w[3][15, 99].add_(1e-12),
+        lambda w: w[4].add_(1),
+        lambda w: w[5][0, 0].add_(0.01),
+        lambda w: [t.mul_(1 - 1e-5) for t in w[:2]],  # a tiny step of every weight (decay)
+    ],
+)
+def test_the_fingerprint_sees_small_changes(change: Callable[[list[Tensor]], None]) -> None:
+    assert _fingerprint_changes(_weights(), change)
+
+
+def test_the_fingerprint_of_unchanged_weights_is_the_same() -> None:
+    weights = _weights()
+    assert not _fingerprint_changes(weights, lambda w: w[0].view(-1)[3].mul_(1.0))

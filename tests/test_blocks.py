@@ -79,7 +79,7 @@ def test_float64_network_is_exact_to_1e_10() -> None:
 
 
 def test_mobileone_network_with_huge_activations() -> None:
-    # Random MobileOne outputs reach enormous magnitudes (DESIGN trap 5): the normalised
+    # Random MobileOne outputs reach enormous magnitudes (docs/design.md trap 5): the normalised
     # error is the right measure.
     net = nn.Sequential(*[MobileOneBlock(8, 8, 3, 1, 1, branches=4) for _ in range(6)])
     with torch.no_grad():

@@ -27,8 +27,9 @@ class Noise(nn.Module):
 
 
 def test_eval_dropout_and_identity_disappear_and_unblock_the_fold() -> None:
-    fused, _before, _after = fuse_and_check(Noise(), torch.randn(2, 3, 8, 8), convs=1,
-                                          batch_norms=0)
+    fused, _before, _after = fuse_and_check(
+        Noise(), torch.randn(2, 3, 8, 8), convs=1, batch_norms=0
+    )
     counts = fused.fxfuse_report.counts
     assert counts["drop-eval-dropout"] == 3 and counts["drop-identity"] == 1
     assert counts["fold-bn"] == 1

@@ -25,8 +25,10 @@ class FrozenBN(nn.Module):
         self.register_buffer("running_var", torch.rand(channels) + 0.5)
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1)
-                                                    + 1e-5).rsqrt()
+        scale = (
+            self.weight.reshape(1, -1, 1, 1)
+            * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        )
         bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
         return x * scale + bias
 

@@ -59,7 +59,7 @@ def test_scale_output_channels_conv(groups: int) -> None:
 def test_scale_output_channels_transposed_scales_dim_one_per_group(
     cin: int, cout: int, groups: int
 ) -> None:
-    # in == out is the case Inductor's freezing gets wrong (it scales dim 0): DESIGN trap 4.
+    # in == out is the case Inductor's freezing gets wrong (it scales dim 0): docs/design.md trap 4.
     w = torch.randn(cin, cout // groups, 3, 3, dtype=f64)
     b = torch.randn(cout, dtype=f64)
     scale, shift = torch.randn(cout, dtype=f64), torch.randn(cout, dtype=f64)

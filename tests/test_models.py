@@ -22,8 +22,17 @@ from fxfuse.zoo import training_time_net
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
-TV_DEFAULT = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5",
-              "regnet_x_400mf", "densenet121", "googlenet", "convnext_tiny", "vgg11_bn"]
+TV_DEFAULT = [
+    "resnet18",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "shufflenet_v2_x0_5",
+    "regnet_x_400mf",
+    "densenet121",
+    "googlenet",
+    "convnext_tiny",
+    "vgg11_bn",
+]
 # Input sizes that keep each network's spatial maps valid and the suite fast.
 TV_SIZES = {"inception_v3": 299, "googlenet": 64}
 TV_FIXED = ("vit_", "swin", "maxvit")  # fixed 224 input (position embeddings, windows)
@@ -96,12 +105,12 @@ def test_densenet_says_why_pre_activation_batch_norms_stay() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["deeplabv3_mobilenet_v3_large", "fcn_resnet50",
-                                  "lraspp_mobilenet_v3_large"])
+@pytest.mark.parametrize(
+    "name", ["deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large"]
+)
 def test_segmentation_models(name: str) -> None:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
-                                         aux_loss=False)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, aux_loss=False)
 
     class Out(nn.Module):  # the dict output, as a tensor
         def __init__(self, inner: nn.Module) -> None:
@@ -186,10 +195,10 @@ class FPNLikeNeck(nn.Module):
         super().__init__()
         self.lateral = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
         self.top = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8))
-        self.smooth3 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False),
-                                     nn.BatchNorm2d(8))
-        self.smooth1 = nn.Sequential(nn.Conv2d(8, 8, (1, 5), padding=(0, 2), bias=False),
-                                     nn.BatchNorm2d(8))
+        self.smooth3 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.smooth1 = nn.Sequential(
+            nn.Conv2d(8, 8, (1, 5), padding=(0, 2), bias=False), nn.BatchNorm2d(8)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = nn.functional.interpolate(self.top(x), scale_factor=2.0, mode="nearest")
@@ -204,8 +213,9 @@ class Conv1dMixer(nn.Module):
         super().__init__()
         self.a = nn.Sequential(nn.Conv1d(6, 6, 7, padding=3, groups=3), nn.BatchNorm1d(6))
         self.b = nn.Sequential(nn.Conv1d(6, 6, 3, padding=1, groups=3), nn.BatchNorm1d(6))
-        self.c = nn.Sequential(nn.Conv1d(6, 6, 3, padding=2, dilation=2, groups=3),
-                               nn.BatchNorm1d(6))
+        self.c = nn.Sequential(
+            nn.Conv1d(6, 6, 3, padding=2, dilation=2, groups=3), nn.BatchNorm1d(6)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.a(x) + self.b(x) + self.c(x) + x
@@ -223,12 +233,16 @@ class Conv3dBlock(nn.Module):
 
 @pytest.mark.parametrize(
     ("factory", "shape", "convs"),
-    [(FPNLikeNeck, (1, 8, 16, 16), 3), (Conv1dMixer, (2, 6, 20), 1),
-     (Conv3dBlock, (1, 4, 6, 6, 6), 1)],
+    [
+        (FPNLikeNeck, (1, 8, 16, 16), 3),
+        (Conv1dMixer, (2, 6, 20), 1),
+        (Conv3dBlock, (1, 4, 6, 6, 6), 1),
+    ],
     ids=["fpn-neck", "conv1d-mixer", "conv3d"],
 )
-def test_structures_no_library_ships(factory: Callable[[], nn.Module], shape: tuple[int, ...],
-                                     convs: int) -> None:
+def test_structures_no_library_ships(
+    factory: Callable[[], nn.Module], shape: tuple[int, ...], convs: int
+) -> None:
     model = factory()
     x = torch.randn(*shape)
     _check(model, x)
@@ -263,8 +277,11 @@ def test_onnx_export_of_the_builtin_network(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TIMM_DEFAULT)
 def test_onnx_export_of_timm_models(name: str, tmp_path: Path) -> None:
-    _onnx_check(timm.create_model(name, pretrained=False), torch.randn(1, 3, 64, 64),
-                tmp_path / f"{name}.onnx")
+    _onnx_check(
+        timm.create_model(name, pretrained=False),
+        torch.randn(1, 3, 64, 64),
+        tmp_path / f"{name}.onnx",
+    )
 
 
 def test_saved_program_loads_without_the_model_source(tmp_path: Path) -> None:
@@ -286,8 +303,12 @@ def test_saved_program_loads_without_the_model_source(tmp_path: Path) -> None:
     import sys
 
     torch.save(x, tmp_path / "x.pt")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.pt"),
-                    str(tmp_path / "y.pt")], check=True, cwd=tmp_path, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     with torch.no_grad():  # another process may sum in another order (thread count)
         assert relative_error(fused(x), torch.load(tmp_path / "y.pt")) <= 1e-6
 

@@ -51,8 +51,13 @@ X = torch.randn(2, 4, 6, 6)
 
 @pytest.mark.parametrize(
     "mutate",
-    [torch.relu_, lambda y: F.relu(y, inplace=True), lambda y: torch.clamp_(y, 0),
-     lambda y: torch.add(y, 1, out=y), lambda y: F.elu(y, inplace=True)],
+    [
+        torch.relu_,
+        lambda y: F.relu(y, inplace=True),
+        lambda y: torch.clamp_(y, 0),
+        lambda y: torch.add(y, 1, out=y),
+        lambda y: F.elu(y, inplace=True),
+    ],
     ids=["relu_", "inplace=True", "clamp_", "out=", "elu-inplace"],
 )
 def test_an_in_place_op_whose_result_is_unused_is_kept(mutate: object) -> None:
@@ -89,8 +94,16 @@ def test_an_in_place_activation_module_between_branches() -> None:
         y = s.act(x)  # nn.ReLU(inplace=True) changes x
         return out + x + s.conv2(y)
 
-    _same(Module(forward, conv=nn.Conv2d(4, 4, 3, padding=1), bn=nn.BatchNorm2d(4),
-                 act=nn.ReLU(inplace=True), conv2=nn.Conv2d(4, 4, 1)), X)
+    _same(
+        Module(
+            forward,
+            conv=nn.Conv2d(4, 4, 3, padding=1),
+            bn=nn.BatchNorm2d(4),
+            act=nn.ReLU(inplace=True),
+            conv2=nn.Conv2d(4, 4, 1),
+        ),
+        X,
+    )
 
 
 # -- fold-constants ---------------------------------------------------------------------------
@@ -135,8 +148,12 @@ def test_a_computed_output_stays_fresh_on_every_call() -> None:
 
 @pytest.mark.parametrize(
     "random",
-    [lambda b: F.dropout(b, 0.5, training=True), lambda b: F.rrelu(b, training=True),
-     lambda b: b.sigmoid().bernoulli(), lambda b: torch.rand_like(b)],
+    [
+        lambda b: F.dropout(b, 0.5, training=True),
+        lambda b: F.rrelu(b, training=True),
+        lambda b: b.sigmoid().bernoulli(),
+        lambda b: torch.rand_like(b),
+    ],
     ids=["dropout", "rrelu", "bernoulli", "rand_like"],
 )
 def test_random_ops_on_constants_stay_random(random: object) -> None:
@@ -185,8 +202,7 @@ def test_shape_reads_follow_a_node_of_the_same_shape_when_branches_broadcast() -
         g = s.a(p) + s.b(p)  # (N, C, 1, 1), like a squeeze-excite branch
         return (x + g) * g.shape[-1]
 
-    _same(Module(forward, a=nn.Conv2d(4, 4, 1), b=nn.Conv2d(4, 4, 1)), X,
-          torch.randn(2, 4, 1, 1))
+    _same(Module(forward, a=nn.Conv2d(4, 4, 1), b=nn.Conv2d(4, 4, 1)), X, torch.randn(2, 4, 1, 1))
 
 
 def test_shape_reads_of_distributed_branches_keep_their_own_shape() -> None:
@@ -194,8 +210,13 @@ def test_shape_reads_of_distributed_branches_keep_their_own_shape() -> None:
         b = s.b(p)
         return s.bn(s.a(x) + b) * b.shape[-1]
 
-    _same(Module(forward, a=nn.Conv2d(4, 4, 3, padding=1), b=nn.Conv2d(4, 4, 1),
-                 bn=nn.BatchNorm2d(4)), X, torch.randn(2, 4, 1, 1))
+    _same(
+        Module(
+            forward, a=nn.Conv2d(4, 4, 3, padding=1), b=nn.Conv2d(4, 4, 1), bn=nn.BatchNorm2d(4)
+        ),
+        X,
+        torch.randn(2, 4, 1, 1),
+    )
 
 
 def test_linear_on_3d_input_with_a_batch_norm_branch() -> None:
@@ -270,8 +291,9 @@ def test_a_batch_norm_view_names_the_batch_norm() -> None:
         def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
             y = self.c(x)
             bn = self.bn
-            z = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
-                             0.1, bn.eps)
+            z = F.batch_norm(
+                y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps
+            )
             return z, y.relu()
 
     fused = _same(Functional(), X)

@@ -67,13 +67,13 @@ def count_ops_profiled(model: Callable[..., Any], *inputs: Any) -> Counter[str]:
     """Like :func:`count_ops` (op names keyed ``"aten::…"``), but with ``torch.profiler``,
     which sees inside compiled code.
 
-    Under ``torch.compile`` a dispatch mode makes the compiled function fall back to eager,
-    so :func:`count_ops` would count the unfused model (DESIGN trap 10); the profiler records
-    the operators that really run: ``aten::…`` and the ``mkldnn::…`` convolutions Inductor's
-    CPU freezing uses. A kernel Inductor generated is not an operator, even where its name
-    says what it fused (``triton_poi_fused__native_batch_norm_legit_…_relu`` is one kernel,
-    not a batch norm). ``counts["conv"]``/``counts["batch_norm"]`` count the outermost
-    event of each kind (``aten::conv2d`` → ``aten::convolution`` → … is one convolution).
+    Under ``torch.compile`` a dispatch mode makes the compiled function fall back to eager, so
+    :func:`count_ops` would count the unfused model (docs/design.md, trap 10); the profiler
+    records the operators that really run: ``aten::…`` and the ``mkldnn::…`` convolutions
+    Inductor's CPU freezing uses. A kernel Inductor generated is not an operator, even where its
+    name says what it fused (``triton_poi_fused__native_batch_norm_legit_…_relu`` is one kernel,
+    not a batch norm). ``counts["conv"]``/``counts["batch_norm"]`` count the outermost event of
+    each kind (``aten::conv2d`` → ``aten::convolution`` → … is one convolution).
 
     TorchScript's frozen mkldnn convolutions record no profiler event; for a
     ``torch.jit.ScriptModule`` the nodes of its (inlined) graph are counted instead.
