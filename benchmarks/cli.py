@@ -9,8 +9,11 @@ re-parameterizable families, and the converted models' per-call cost at batch 1.
 ``rdrop`` times one R-Drop training step with ``fxfuse.rdrop``'s twin against two forward
 passes, and their peak memory. ``training`` times one training step of a CSLA network as
 written, online-merged (``fxfuse.online_merge``) and plain (``fxfuse.gradient_reparam``),
-and their peak memory. ``--quick`` is the short run (a few minutes on 2 cores): four
-models, 10 rounds, 10/100/1,000 blocks. The 10,000-block point is its own command::
+and their peak memory. ``quant`` measures INT8 after fusion: output SQNR of repvgg_a0 and
+mobileone_s0 (trained-like batch norms) with and without equalization, weights alone and
+through torchao's PT2E flow, per tensor and per channel. ``--quick`` is the short run (a few
+minutes on 2 cores): four models, 10 rounds, 10/100/1,000 blocks. The 10,000-block point is
+its own command::
 
     python -m benchmarks scaling --blocks 10 100 1000 10000
 
@@ -38,6 +41,7 @@ from benchmarks import (
     memory,
     plots,
     profile,
+    quant,
     rdrop,
     scaling,
     training,
@@ -128,6 +132,18 @@ def run_training(args: argparse.Namespace) -> None:
     save_section(args.json, "training", {"machine": env, "models": models})
 
 
+def run_quant(args: argparse.Namespace) -> None:
+    env = machine("cpu")
+    rows = quant.run(
+        args.models or quant.MODELS,
+        seeds=1 if args.quick else 3,
+        size=args.input_size or 128,
+        batch=args.batch or 8,
+    )
+    env["load_average_after"] = machine("cpu")["load_average"]
+    save_section(args.json, "quant", {"machine": env, "models": rows})
+
+
 def run_markdown(args: argparse.Namespace) -> None:
     print(markdown.render(load_results(args.json)))
 
@@ -165,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
             "rdrop",
             "convert",
             "training",
+            "quant",
         ],
     )
     parser.add_argument("--quick", action="store_true", help="the short run (minutes)")
@@ -188,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     parser.add_argument("--blocks", type=int, nargs="+", help="synthetic network sizes")
-    parser.add_argument("--batch", type=int, default=None, help="rdrop, training: the batch size")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="rdrop, training, quant: the batch size"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="optimize runs per size")
     parser.add_argument("--json", type=Path, default=OUT / "results.json")
     parser.add_argument("--png", type=Path, default=OUT / "benchmarks.png")
@@ -212,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "live": run_live,
         "rdrop": run_rdrop,
         "training": run_training,
+        "quant": run_quant,
         "markdown": lambda a: None,
         "plot": lambda a: None,
     }

@@ -26,6 +26,7 @@ from fxfuse.errors import (
     TrainingModeError,
     VerificationError,
 )
+from fxfuse.quant import QuantReport, quant_report
 from fxfuse.rdrop import rdrop, rdrop_loss
 from fxfuse.report import Decline, FusionReport, GraphStats, Part, Rewrite
 from fxfuse.rules import FusionOptions, Match, RewriteContext, Rule, RuleSet, Stage
@@ -45,6 +46,7 @@ __all__ = [
     "Match",
     "NondeterministicError",
     "Part",
+    "QuantReport",
     "Rewrite",
     "RewriteContext",
     "Rule",
@@ -58,6 +60,7 @@ __all__ = [
     "gradient_reparam",
     "online_merge",
     "optimize",
+    "quant_report",
     "rdrop",
     "rdrop_loss",
     "verify",

@@ -120,6 +120,7 @@ def optimize(
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     verify: bool | Mapping[str, Any] = False,
+    equalize: bool = False,
 ) -> nn.Module: ...
 
 
@@ -133,6 +134,7 @@ def optimize(
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     verify: bool | Mapping[str, Any] = False,
+    equalize: bool = False,
 ) -> torch.export.ExportedProgram: ...
 
 
@@ -145,6 +147,7 @@ def optimize(
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     verify: bool | Mapping[str, Any] = False,
+    equalize: bool = False,
 ) -> nn.Module | torch.export.ExportedProgram:
     """Fuse ``model`` into an equivalent, cheaper model.
 
@@ -192,6 +195,10 @@ def optimize(
             ``example_inputs``; its report is ``fxfuse_report.verification``. A mapping
             turns it on and passes its items to :func:`fxfuse.verify` (``{"examples": 50,
             "tolerance": 1e-4}``).
+        equalize: after fusing, equalize the per-channel weight ranges of consecutive layers
+            (cross-layer equalization through ReLU-like activations, exact; see
+            ``passes/equalize.py``), for INT8 quantization with per-tensor weights. The same as
+            ``FusionOptions(equalize=True)``; :func:`fxfuse.quant_report` shows the effect.
 
     Returns:
         An ``nn.Module`` in eval mode, with the :class:`~fxfuse.FusionReport` as its
@@ -207,6 +214,8 @@ def optimize(
         VerificationError: with ``verify=True``, the fused model differs from ``model``.
         ValueError: ``verify`` or ``validate_rewrites`` without ``example_inputs``.
     """
+    if equalize:
+        options = dataclasses.replace(options or FusionOptions(), equalize=True)
     if isinstance(model, torch.export.ExportedProgram):
         return _optimize_program(model, example_inputs, rules=rules, options=options, verify=verify)
     if not isinstance(model, nn.Module):
@@ -276,6 +285,10 @@ def fuse_graph(
     )
     start = time.perf_counter()
     _rule_set(rules).run(ctx)
+    if ctx.options.equalize:
+        from fxfuse.passes import equalize_rules
+
+        equalize_rules().run(ctx)
     report.timings["rules"] = time.perf_counter() - start
 
     start = time.perf_counter()

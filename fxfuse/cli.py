@@ -156,7 +156,7 @@ def _flops(value: int) -> str:
     return str(value)
 
 
-def _fuse(model: nn.Module, x: Tensor | None, debug: bool) -> GraphModule:
+def _fuse(model: nn.Module, x: Tensor | None, debug: bool, equalize: bool = False) -> GraphModule:
     """``fxfuse.optimize``, with what torch prints to stderr held back until it succeeds.
 
     When symbolic tracing fails and the ``torch.export`` fallback fails too, torch prints the
@@ -165,10 +165,10 @@ def _fuse(model: nn.Module, x: Tensor | None, debug: bool) -> GraphModule:
     """
     example = None if x is None else (x,)
     if debug:
-        return fxfuse.optimize(model, example_inputs=example)
+        return fxfuse.optimize(model, example_inputs=example, equalize=equalize)
     held = io.StringIO()
     with contextlib.redirect_stderr(held):
-        fused = fxfuse.optimize(model, example_inputs=example)
+        fused = fxfuse.optimize(model, example_inputs=example, equalize=equalize)
     sys.stderr.write(held.getvalue())  # warnings of a run that worked still reach the user
     return fused
 
@@ -186,8 +186,10 @@ def run_optimize(args: argparse.Namespace) -> int:
     print(f"fxfuse optimize {_describe(loaded, shape, randomized)}")
     _note_mode(loaded)
     _first_input_error(model, inputs[0])
-    fused = _fuse(model, inputs[0], args.debug)
+    fused = _fuse(model, inputs[0], args.debug, args.equalize)
     print(fused.fxfuse_report)
+    if args.quant_report:
+        print(fxfuse.quant_report(fused))
 
     with torch.no_grad():
         worst = 0.0
@@ -756,6 +758,17 @@ def _optimize_parser(commands: Any) -> None:
     )
     opt.add_argument(
         "--repeats", type=_at_least(1), default=10, help="latency repeats (default 10)"
+    )
+    opt.add_argument(
+        "--equalize",
+        action="store_true",
+        help="after fusing, equalize consecutive layers' channel ranges for INT8 (exact)",
+    )
+    opt.add_argument(
+        "--quant-report",
+        action="store_true",
+        help="print, per fused layer, how its weights fare under symmetric INT8 (per tensor "
+        "and per channel)",
     )
     opt.set_defaults(run=run_optimize)
 

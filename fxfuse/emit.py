@@ -67,6 +67,20 @@ def _bare(cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
     return module
 
 
+def _module_stack(stack: Any, target: str, module: nn.Module) -> Any:
+    """``stack`` (``nn_module_stack``: key -> (path, class)) cut to the modules that contain
+    ``target``, then ``target`` itself."""
+    if not isinstance(stack, dict):
+        return stack
+    kept = {
+        key: entry
+        for key, entry in stack.items()
+        if isinstance(entry, tuple) and (not entry[0] or target.startswith(f"{entry[0]}."))
+    }
+    kept[target] = (target, f"{type(module).__module__}.{type(module).__qualname__}")
+    return kept
+
+
 def build_module(layer: FusedLayer) -> tuple[nn.Module, tuple[tuple[int, int], ...] | None]:
     """A fresh module computing ``layer``, and the padding to apply first (or None).
 
@@ -233,6 +247,13 @@ class _Lowering:
         for key in ("nn_module_stack", "stack_trace"):
             if key in node.meta:
                 new.meta[key] = node.meta[key]
+        module = self.owned.get(str(new.target)) if new.op == "call_module" else None
+        if isinstance(module, nn.Module) and "nn_module_stack" in new.meta:
+            # the stack of the node it replaced (a batch norm, a sum) is not where the new
+            # module lives: torch.export keeps it, and PT2E quantizers match layers by it
+            new.meta["nn_module_stack"] = _module_stack(
+                new.meta["nn_module_stack"], str(new.target), module
+            )
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
 

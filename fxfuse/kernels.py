@@ -58,20 +58,27 @@ __all__ = [
     "bn_scale",
     "bn_shift",
     "cast",
+    "channel_magnitudes",
+    "channel_sqnr_db",
     "compose_bias",
     "compose_kernels",
     "diagonal_kernel",
+    "equalization_scales",
     "exact",
     "expand_groups",
+    "input_ranges",
     "input_shift_bias",
     "merged_bias",
+    "output_ranges",
     "place_kernel",
     "placed_sum",
     "product",
+    "quantize_symmetric",
     "reciprocal",
     "scale_input_channels",
     "scale_kernel",
     "shaped",
+    "sqnr_db",
     "stack_biases",
     "stack_outputs",
 ]
@@ -554,3 +561,108 @@ def reparam_gradient(grad: Tensor, multiplier: Tensor, constant: Tensor, decay: 
     if decay:
         g = g - decay * exact(constant).to(g.device)
     return g.to(grad.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-layer equalization and INT8 weight quantization (the numbers the rule and the report
+# compute from weights; never part of a fused weight's expression)
+# --------------------------------------------------------------------------------------------
+
+
+def channel_magnitudes(weight: Tensor) -> Tensor:
+    """``M[o, i] = max_taps |W[o, i, taps]|``: a ``[out, in/g]`` float64 matrix (a conv's
+    ``[out, in/g, k…]`` weight or a linear layer's ``[out, in]``)."""
+    w = exact(weight).detach().abs()
+    return w.reshape(w.shape[0], w.shape[1], -1).amax(dim=2)
+
+
+def output_ranges(magnitudes: Tensor, in_scale: Tensor, out_scale: Tensor, groups: int) -> Tensor:
+    """``r[o] = max_i M[o, i]·in_scale[i] / out_scale[o]``: the range of output channel ``o`` of
+    a layer whose input channels are multiplied by ``in_scale`` and outputs divided by
+    ``out_scale`` (``in_scale`` has ``in`` entries; input ``i`` of group ``G`` is
+    ``G·in/g + i``)."""
+    out_channels, in_per_group = magnitudes.shape
+    rows = in_scale.reshape(groups, 1, in_per_group)
+    scaled = magnitudes.reshape(groups, out_channels // groups, in_per_group) * rows
+    return scaled.amax(dim=2).reshape(out_channels) / out_scale
+
+
+def input_ranges(magnitudes: Tensor, in_scale: Tensor, out_scale: Tensor, groups: int) -> Tensor:
+    """``r[i] = max_o M[o, i]·in_scale[i] / out_scale[o]``, over the outputs of ``i``'s group:
+    the range of input channel ``i`` (an ``in``-vector; see :func:`output_ranges`)."""
+    out_channels, in_per_group = magnitudes.shape
+    columns = (1.0 / out_scale).reshape(groups, out_channels // groups, 1)
+    scaled = magnitudes.reshape(groups, out_channels // groups, in_per_group) * columns
+    return scaled.amax(dim=1).reshape(groups * in_per_group) * in_scale
+
+
+def equalization_scales(
+    magnitudes: Sequence[Tensor],
+    groups: Sequence[int],
+    *,
+    tolerance: float = 1e-3,
+    max_sweeps: int = 200,
+) -> list[Tensor]:
+    """Scales ``s₁ … s_{n−1}`` (``s_k > 0`` per channel) equalizing a chain of ``n`` layers.
+
+    Layer ``k``'s output channel ``c`` is divided by ``s_k[c]`` and layer ``k+1``'s input
+    channel ``c`` multiplied by it (exact through a positively homogeneous activation). Each
+    pair is balanced with the data-free-quantization rule ``s = √(r₁·r₂) / r₂`` — after it,
+    output channel ``c`` of layer ``k`` and input channel ``c`` of layer ``k+1`` have the same
+    range ``√(r₁·r₂)`` — and the pairs are swept in order until no scale moves by more than
+    ``tolerance`` (relative), or ``max_sweeps``. A channel one side never uses (``r = 0``)
+    keeps ``s = 1``. ``magnitudes`` are :func:`channel_magnitudes` of each layer."""
+    n = len(magnitudes)
+    ins = [
+        torch.ones(int(m.shape[1]) * g, dtype=torch.float64)
+        for m, g in zip(magnitudes, groups, strict=True)
+    ]
+    outs = [torch.ones(int(m.shape[0]), dtype=torch.float64) for m in magnitudes]
+    for _ in range(max_sweeps):
+        moved = 0.0
+        for k in range(n - 1):
+            r1 = output_ranges(magnitudes[k], ins[k], outs[k], groups[k])
+            r2 = input_ranges(magnitudes[k + 1], ins[k + 1], outs[k + 1], groups[k + 1])
+            step = torch.sqrt(r1 / r2)
+            step = torch.where((r1 > 0) & (r2 > 0) & torch.isfinite(step), step, 1.0)
+            outs[k] = outs[k] * step
+            ins[k + 1] = ins[k + 1] * step
+            moved = max(moved, float((step.log().abs()).max()))
+        if moved <= tolerance:
+            break
+    return outs[:-1]
+
+
+def quantize_symmetric(weight: Tensor, *, bits: int = 8, per_channel: bool = False) -> Tensor:
+    """``W`` rounded to a symmetric signed ``bits``-bit grid and back (fake quantization):
+    step ``max|W| / (2^{bits−1} − 1)``, over the whole tensor or per output channel (dim 0);
+    values ``−q … q``. A zero range keeps zeros."""
+    w = exact(weight).detach()
+    levels = 2 ** (bits - 1) - 1
+    if per_channel:
+        top = w.reshape(w.shape[0], -1).abs().amax(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+    else:
+        top = w.abs().amax()
+    step = torch.where(top > 0, top / levels, torch.ones_like(top))
+    return torch.clamp(torch.round(w / step), -levels, levels) * step
+
+
+def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(‖ref‖² / ‖ref − approx‖²)`` in dB
+    (``inf`` when they are equal)."""
+    ref = exact(reference).detach()
+    noise = float((ref - exact(approximation).detach().to(ref.device)).pow(2).sum())
+    signal = float(ref.pow(2).sum())
+    if noise == 0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def channel_sqnr_db(reference: Tensor, approximation: Tensor) -> Tensor:
+    """:func:`sqnr_db` of each output channel (dim 0) on its own, a float64 vector (``inf``
+    for a channel reproduced exactly, ``nan`` for an all-zero one)."""
+    ref = exact(reference).detach()
+    ref = ref.reshape(ref.shape[0], -1)
+    noise = (ref - exact(approximation).detach().to(ref.device).reshape(ref.shape)).pow(2).sum(1)
+    signal = ref.pow(2).sum(dim=1)
+    return 10.0 * torch.log10(signal / noise)

@@ -45,6 +45,7 @@ from torch.nn.modules.padding import (
 from torch.nn.modules.pooling import _AvgPoolNd
 
 from fxfuse import kernels
+from fxfuse.dialects import inherits_forward
 from fxfuse.effects import Effects, register_pure, run_pure, value_users
 from fxfuse.errors import ConvergenceError, warn
 from fxfuse.geometry import Geometry
@@ -93,11 +94,21 @@ class FusionOptions:
     differs, or whose rule raises, is rolled back and reported as a decline. Costs about two
     forward passes of the rewritten region per rewrite; nothing when off. See
     :mod:`fxfuse.validate`. ``optimize(..., verify=True)`` turns it on.
+
+    ``equalize``: after fusion, trade per-channel weight ranges between consecutive layers
+    (cross-layer equalization, ``passes/equalize.py``), so that per-tensor INT8 weights lose
+    less; exact. ``optimize(..., equalize=True)`` turns it on.
+
+    ``keep_post_sum_bn``: keep a batch norm after a sum of branches as it is (QARepVGG: it
+    keeps the activations' distribution trainable under quantization-aware training); the
+    branches still merge into one conv.
     """
 
     max_flops_ratio: float = 1.5
     max_rounds: int = 16
     validate_rewrites: bool = False
+    equalize: bool = False
+    keep_post_sum_bn: bool = False
 
 
 @dataclass
@@ -604,6 +615,8 @@ _ERASABLE_MODULES = (
     _CircularPadNd,
 )
 
+_ERASABLE_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+
 
 class _Driver:
     """Runs a rule set on a context: worklists, transactions, replacement and dead code."""
@@ -785,8 +798,11 @@ class _Driver:
             return True
         if node.op == "call_module":
             module = self.ctx.module(str(node.target))
-            return isinstance(module, _ERASABLE_MODULES) or (
-                isinstance(module, _BatchNorm) and not module.training
+            return (
+                isinstance(module, _ERASABLE_MODULES)
+                or (isinstance(module, _BatchNorm) and not module.training)
+                # (an activation a rule rebuilt: equalize-layers)
+                or (isinstance(module, _ERASABLE_ACTIVATIONS) and inherits_forward(module))
             )
         return self.ctx.effects.pure(node)
 

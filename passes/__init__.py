@@ -7,6 +7,8 @@
 - :mod:`.merge_branches`: ``conv_a(x) + conv_b(x) + x -> conv'(x)`` (pad-and-add)
 - :mod:`.compose`: ``conv_kxk(conv_1x1(x)) -> conv'(x)``
 - :mod:`.concat`: ``cat([conv_a(x), conv_b(x)], 1) -> conv'(x)``
+- :mod:`.equalize`: ``l₂(φ(l₁(x))) -> l₂'(φ(l₁'(x)))`` (cross-layer equalization for INT8;
+  opt-in, after fusion: :func:`equalize_rules`)
 - :mod:`.avg_pool`: average pooling read as a layer (a depthwise kernel of ``1/kᵈ``), so the
   rules above fold and merge it
 
@@ -22,6 +24,7 @@ from .cleanup import DropEvalDropout, DropIdentity
 from .compose import ComposeLayers
 from .concat import MergeConcat
 from .constants import FoldConstants
+from .equalize import EqualizeLayers
 from .fold_affine import FoldAffineIntoLayer
 from .fold_bn import FoldBn, FoldBnIntoBranches
 from .merge_branches import MergeBranches
@@ -30,6 +33,7 @@ __all__ = [
     "ComposeLayers",
     "DropEvalDropout",
     "DropIdentity",
+    "EqualizeLayers",
     "FoldAffineIntoLayer",
     "FoldBn",
     "FoldBnIntoBranches",
@@ -37,6 +41,7 @@ __all__ = [
     "MergeBranches",
     "MergeConcat",
     "default_rules",
+    "equalize_rules",
 ]
 
 
@@ -63,3 +68,9 @@ def default_rules() -> RuleSet:
             ),
         ]
     )
+
+
+def equalize_rules() -> RuleSet:
+    """The rules run after fusion when ``FusionOptions(equalize=True)``: cross-layer
+    equalization of the fused layers (a stage of its own, so it sees every layer fused)."""
+    return RuleSet([Stage("equalize", (EqualizeLayers(),))])

@@ -28,6 +28,8 @@ from fxfuse.maps import Layer, per_channel, same_values
 from fxfuse.rules import Match, RewriteContext, Rule
 from fxfuse.weights import Weight, apply
 
+from .fold_bn import KEPT_AFTER_SUM, kept_after_sum
+
 __all__ = ["FoldAffineIntoLayer"]
 
 
@@ -93,6 +95,8 @@ class FoldAffineIntoLayer(Rule[AffineLayer]):
         mapped = layer.input
         if len(value_users(mapped)) != 1:
             return f"the {match.label} before it also feeds another op"
+        if match.batch_norm and kept_after_sum(mapped, ctx):
+            return KEPT_AFTER_SUM
         channels = layer.in_channels
         if match.batch_norm:
             if layer.kind == "linear" and ctx.rank(match.source) != 2:

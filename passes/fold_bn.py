@@ -14,6 +14,10 @@ the same affine distributes over the sum::
     # bn(Σ cᵢ·layerᵢ(xᵢ) + k) -> Σ layerᵢ'(xᵢ)
     Wᵢ' = Wᵢ · a·cᵢ,   b' = Σ bᵢ·a·cᵢ + a·k + t
 
+With ``FusionOptions(keep_post_sum_bn=True)`` a batch norm after a sum of branches stays as it
+is (QARepVGG): the branches still merge, the batch norm is neither folded into the merged conv
+nor distributed over the branches nor folded forward (``fold-affine-into-layer``).
+
 A batch norm normalizes dim 1. That is a conv's channel axis for the batched inputs fxfuse
 assumes for convs; it is a linear layer's feature axis only where the program proves the
 output is 2-d (:mod:`fxfuse.layout`), so a linear layer folds only then.
@@ -22,6 +26,7 @@ output is 2-d (:mod:`fxfuse.layout`), so a linear layer folds only then.
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,7 +40,32 @@ from fxfuse.maps import Affine, Combination, Layer, per_channel
 from fxfuse.rules import Match, RewriteContext, Rule
 from fxfuse.weights import Weight, apply, mul
 
-__all__ = ["FoldBn", "FoldBnIntoBranches"]
+__all__ = ["FoldBn", "FoldBnIntoBranches", "kept_after_sum"]
+
+#: node meta key: a batch norm that read a sum of branches when fusion began
+POST_SUM_BN = "fxfuse_post_sum_bn"
+KEPT_AFTER_SUM = (
+    "a batch norm after a sum of branches is kept (FusionOptions(keep_post_sum_bn=True))"
+)
+_marked: weakref.WeakSet[RewriteContext] = weakref.WeakSet()
+
+
+def mark_post_sum_batch_norms(ctx: RewriteContext) -> None:
+    """Mark, once per graph and before any branch merges away, every batch norm reading a sum
+    of two or more branches (what ``keep_post_sum_bn`` keeps)."""
+    if ctx in _marked:
+        return
+    _marked.add(ctx)
+    for node in ctx.graph.nodes:
+        bn = ctx.affine(node)
+        combo = None if bn is None else ctx.combination(bn.input)
+        if combo is not None and len(combo.terms) >= 2:
+            node.meta[POST_SUM_BN] = True
+
+
+def kept_after_sum(node: Node, ctx: RewriteContext) -> bool:
+    """Whether ``node`` is a batch norm after a sum that the options say to keep."""
+    return ctx.options.keep_post_sum_bn and bool(node.meta.get(POST_SUM_BN))
 
 
 def _others(node: Node, but: Node) -> str:
@@ -151,6 +181,8 @@ class FoldBn(Rule[LayerBatchNorm]):
     formula = "bn(conv(x)) -> conv'(x)"
 
     def matches(self, node: Node, ctx: RewriteContext) -> Iterator[LayerBatchNorm]:
+        if ctx.options.keep_post_sum_bn:  # (the fuse stage's first rule: before any merge)
+            mark_post_sum_batch_norms(ctx)
         bn = ctx.affine(node)
         if bn is None:
             return
@@ -168,6 +200,8 @@ class FoldBn(Rule[LayerBatchNorm]):
         layer, bn = match.layer, match.bn
         if bn.fixed is not None:
             return bn.fixed
+        if kept_after_sum(match.root, ctx):
+            return KEPT_AFTER_SUM
         if match.refused is not None:
             return match.refused
         if layer is None:
@@ -233,6 +267,8 @@ class FoldBnIntoBranches(Rule[BatchNormOfSum]):
         bn, combo = match.bn, match.combination
         if bn.fixed is not None:
             return bn.fixed
+        if kept_after_sum(match.root, ctx):
+            return KEPT_AFTER_SUM
         if combo.anchor is not None:
             return (
                 f"the sum before it updates {combo.anchor.name} in place, which other code "

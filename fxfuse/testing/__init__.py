@@ -6,6 +6,7 @@ graph happens to contain, so "one conv per block" is checked where it matters.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "count_ops_profiled",
     "randomize_batch_norms",
     "relative_error",
+    "trained_like_batch_norms",
 ]
 
 
@@ -174,4 +176,30 @@ def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                 uniform(module.weight, 0.5, 1.5)
             if module.bias is not None:
                 uniform(module.bias, -0.5, 0.5)
+    return model
+
+
+def trained_like_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every batch norm in ``model`` statistics like a trained network's (in place): γ
+    log-uniform over [0.02, 5], running means N(0, 0.2²), variances U(0.5, 1.5), β 0.
+
+    Folded into the convs, these spread the channels' weight ranges as trained models do
+    (what breaks per-tensor INT8); default or mildly random statistics do not show it."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = math.log(0.02), math.log(5.0)
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, _BatchNorm):
+                continue
+            n = module.num_features
+            draw = torch.rand(n, generator=generator, dtype=torch.float64)
+            if module.weight is not None:
+                module.weight.copy_(torch.exp(low + (high - low) * draw).to(module.weight.dtype))
+            if module.bias is not None:
+                module.bias.zero_()
+            if module.running_mean is not None and module.running_var is not None:
+                mean = 0.2 * torch.randn(n, generator=generator, dtype=torch.float64)
+                var = 0.5 + torch.rand(n, generator=generator, dtype=torch.float64)
+                module.running_mean.copy_(mean.to(module.running_mean.dtype))
+                module.running_var.copy_(var.to(module.running_var.dtype))
     return model

@@ -51,12 +51,15 @@ __all__ = [
     "BranchSpec",
     "DrawnModel",
     "InputCase",
+    "LayerChain",
     "ModelSpec",
     "block_specs",
     "blocks",
     "build_block",
     "build_inputs",
     "build_model",
+    "chain_specs",
+    "chains",
     "input_axes",
     "input_cases",
     "input_for",
@@ -519,6 +522,112 @@ def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> DrawnMod
 def models(dtype: torch.dtype = torch.float32, **knobs: Any) -> st.SearchStrategy[DrawnModel]:
     """Drawn models, built (knobs as for :func:`model_specs` and :func:`block_specs`)."""
     return model_specs(**knobs).map(lambda spec: build_model(spec, dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Chains of layers (cross-layer equalization)
+# --------------------------------------------------------------------------------------------
+
+#: activations between the layers of a chain: positively homogeneous, so equalization applies
+CHAIN_ACTIVATIONS = ("relu", "leaky_relu", "prelu", "prelu1", "none")
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """Layers ``l₁ → φ₁ → l₂ → … → lₙ``: convs of rank ``ndim`` (``0``: linear layers) with
+    ``channels[k] → channels[k+1]``, ``groups[k]`` and ``kernels[k]`` (odd, same padding);
+    each layer's output channels scaled by ``10^u``, ``u`` uniform in ``±spread`` (what folded
+    batch norms do to a fused layer)."""
+
+    ndim: int
+    channels: tuple[int, ...]
+    groups: tuple[int, ...]
+    kernels: tuple[int, ...]
+    activations: tuple[str, ...]
+    spread: float
+    seed: int
+
+
+@st.composite
+def chain_specs(draw: st.DrawFn, *, max_layers: int = 4) -> ChainSpec:
+    """Draw a :class:`ChainSpec` (groups drawn first, channels as multiples, so every layer's
+    groups divide its channels; depthwise layers where a layer keeps its width)."""
+    ndim = draw(st.sampled_from((0, 1, 2)))
+    n = draw(st.integers(2, max_layers))
+    unit = draw(st.sampled_from((1, 2, 3)))
+    channels = tuple(unit * draw(st.integers(1, 4)) for _ in range(n + 1))
+    groups, kernels = [], []
+    for k in range(n):
+        choices = [1] if ndim == 0 else _divisors(unit)
+        if ndim and channels[k] == channels[k + 1]:
+            choices.append(channels[k])
+        groups.append(draw(st.sampled_from(choices)))
+        kernels.append(1 if ndim == 0 else draw(st.sampled_from((1, 3))))
+    activations = tuple(draw(st.sampled_from(CHAIN_ACTIVATIONS)) for _ in range(n - 1))
+    spread = draw(st.floats(0.0, 2.0))
+    return ChainSpec(
+        ndim,
+        channels,
+        tuple(groups),
+        tuple(kernels),
+        activations,
+        spread,
+        draw(st.integers(0, 2**16)),
+    )
+
+
+class LayerChain(nn.Module):
+    """The chain a :class:`ChainSpec` describes."""
+
+    def __init__(self, spec: ChainSpec, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.spec = spec
+        generator = torch.Generator().manual_seed(spec.seed)
+        layers: list[nn.Module] = []
+        for k, (groups, kernel) in enumerate(zip(spec.groups, spec.kernels, strict=True)):
+            cin, cout = spec.channels[k], spec.channels[k + 1]
+            layer: nn.Module
+            if spec.ndim == 0:
+                layer = nn.Linear(cin, cout)
+            else:
+                conv = {1: nn.Conv1d, 2: nn.Conv2d}[spec.ndim]
+                layer = conv(cin, cout, kernel, padding=kernel // 2, groups=groups)
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator))
+                u = (2 * torch.rand(cout, generator=generator) - 1) * spec.spread
+                layer.weight.mul_((10**u).reshape(-1, *([1] * (layer.weight.dim() - 1))))
+            layers.append(layer)
+            if k < len(spec.activations):
+                layers.append(_chain_activation(spec.activations[k], cout))
+        self.layers = nn.Sequential(*layers).to(dtype)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+    def example(self, batch: int = 2, size: int = 5) -> Tensor:
+        """An input it accepts (float64)."""
+        spatial = (size,) * self.spec.ndim
+        return torch.randn(batch, self.spec.channels[0], *spatial, dtype=torch.float64)
+
+
+def _chain_activation(name: str, channels: int) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.1)
+    if name in ("prelu", "prelu1"):
+        prelu = nn.PReLU(channels if name == "prelu" else 1)
+        with torch.no_grad():
+            prelu.weight.uniform_(-0.5, 0.5)
+        return prelu
+    return nn.Identity()
+
+
+def chains(dtype: torch.dtype = torch.float64, **knobs: Any) -> st.SearchStrategy[LayerChain]:
+    """Drawn :class:`LayerChain` models (knobs as for :func:`chain_specs`)."""
+    return chain_specs(**knobs).map(lambda spec: LayerChain(spec, dtype))
 
 
 # --------------------------------------------------------------------------------------------
