@@ -379,6 +379,36 @@ def _scratch_storage() -> Iterator[None]:
             set_home(previous)
 
 
+def _checked_knobs(examples: Any, tolerance: Any, batch_sizes: Any) -> tuple[int, int] | None:
+    """Refuse bad ``verify`` arguments at the call, one line each; the batch sizes as a pair."""
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        raise ValueError(
+            f"verify's examples must be an int ≥ 0 (0: the example alone), got {examples!r}"
+        )
+    tolerances = tolerance.values() if isinstance(tolerance, Mapping) else [tolerance]
+    for value in tolerances:
+        if value is None and tolerance is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(
+                f"verify's tolerance must be a number ≥ 0 (the normalised error allowed) or a "
+                f"mapping from dtype to one, got {tolerance!r}"
+            )
+    if batch_sizes is None:
+        return None
+    pair = tuple(batch_sizes) if isinstance(batch_sizes, Sequence) else ()
+    if (
+        len(pair) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in pair)
+        or not 1 <= pair[0] <= pair[1]
+    ):
+        raise ValueError(
+            "verify's batch_sizes must be a pair (low, high) with 1 ≤ low ≤ high, or None to "
+            f"keep the example's batch size, got {batch_sizes!r}"
+        )
+    return (pair[0], pair[1])
+
+
 def _search(job: _Job, cases: Any, examples: int, seed: int, deadline: float | None) -> None:
     """A hypothesis search of its own: ``examples`` inputs, shrunk on failure, deterministic."""
     from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings
@@ -487,8 +517,7 @@ def verify(
     """
     strategies = _strategies()
     example = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    if examples < 0:
-        raise ValueError(f"examples must be ≥ 0, got {examples}")
+    batch_sizes = _checked_knobs(examples, tolerance, batch_sizes)
     started = time.perf_counter()
     job = _Job(reference, candidate, example, tolerance, seed, strategies)
     draw = _enclosing_draw()
@@ -510,7 +539,8 @@ def verify(
             channels_last=layouts,
         )
         if draw is None:
-            _search(job, cases, examples, seed, deadline)
+            if examples > 0:  # (0: the example alone)
+                _search(job, cases, examples, seed, deadline)
         else:
             stop = math.inf if deadline is None else time.monotonic() + deadline
             for _ in range(examples):
