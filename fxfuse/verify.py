@@ -381,19 +381,19 @@ def _scratch_storage() -> Iterator[None]:
 
 def _checked_knobs(examples: Any, tolerance: Any, batch_sizes: Any) -> tuple[int, int] | None:
     """Refuse bad ``verify`` arguments at the call, one line each; the batch sizes as a pair."""
-    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
-        raise ValueError(
-            f"verify's examples must be an int ≥ 0 (0: the example alone), got {examples!r}"
-        )
-    tolerances = tolerance.values() if isinstance(tolerance, Mapping) else [tolerance]
-    for value in tolerances:
-        if value is None and tolerance is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(
-                f"verify's tolerance must be a number ≥ 0 (the normalised error allowed) or a "
-                f"mapping from dtype to one, got {tolerance!r}"
-            )
+    if isinstance(examples, bool) or not isinstance(examples, int):
+        raise TypeError(f"verify's examples must be an int, got {examples!r}")
+    if examples < 0:
+        raise ValueError(f"verify's examples must be ≥ 0 (0: the example alone), got {examples}")
+    if tolerance is not None:
+        for value in tolerance.values() if isinstance(tolerance, Mapping) else [tolerance]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    "verify's tolerance must be a number (the normalised error allowed) or a "
+                    f"mapping from dtype to one, got {tolerance!r}"
+                )
+            if not value >= 0:
+                raise ValueError(f"verify's tolerance must be ≥ 0, got {tolerance!r}")
     if batch_sizes is None:
         return None
     pair = tuple(batch_sizes) if isinstance(batch_sizes, Sequence) else ()
