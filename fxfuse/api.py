@@ -13,13 +13,14 @@ import torch
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxfuse.capture import structural_copy
 from fxfuse.dialects import has_hooks
 from fxfuse.emit import emit
 from fxfuse.errors import CaptureError, TrainingModeError, VerificationError
 from fxfuse.parts import fuse_model
 from fxfuse.report import FusionReport, Part, graph_stats
 from fxfuse.rules import FusionOptions, RewriteContext, Rule, RuleSet
-from fxfuse.verify import fresh_copies
+from fxfuse.verify import buffers_restored, fresh_copies
 
 __all__ = ["fuse_graph", "optimize"]
 
@@ -91,6 +92,25 @@ def _checked_model(model: nn.Module) -> None:
             )
     if model.training:
         raise TrainingModeError(_training_reason(model))
+
+
+def _check_accepts(model: nn.Module, example_inputs: Sequence[Any]) -> None:
+    """Run ``model`` (a copy without its hooks, its buffers restored after) on the example:
+    inputs it rejects are refused here, in one line, not met deep inside capture."""
+    copy = structural_copy(model, hooks=False)
+    try:
+        with torch.no_grad(), buffers_restored(model):
+            copy(*fresh_copies(example_inputs))
+    except Exception as error:
+        lines = str(error).strip().splitlines()
+        shapes = ", ".join(
+            "x".join(map(str, x.shape)) if isinstance(x, Tensor) else type(x).__name__
+            for x in example_inputs
+        )
+        raise ValueError(
+            f"{type(model).__name__} rejects example_inputs ({shapes}): {type(error).__name__}"
+            f"{': ' + lines[0] if lines else ''}; pass inputs the model accepts"
+        ) from error
 
 
 def _named(module: nn.Module, where: str) -> str:
@@ -289,8 +309,9 @@ def optimize(
             ``torch.compile``'d module, say); one line naming the construct and where, and
             ``.hint``, what to try.
         VerificationError: with ``verify=True``, the fused model differs from ``model``.
-        ValueError: ``verify`` or ``validate_rewrites`` without ``example_inputs``; a lazy
-            module not yet initialized; an unknown rule name or option.
+        ValueError: ``example_inputs`` the model rejects; ``verify`` or
+            ``validate_rewrites`` without them; a lazy module not yet initialized; an
+            unknown rule name or option.
         TypeError: ``rules`` or ``options`` of the wrong type.
     """
     if isinstance(model, torch.export.ExportedProgram):
@@ -305,6 +326,7 @@ def optimize(
     rules = _rule_set(rules)
     if example_inputs is not None:
         example_inputs = fresh_copies(example_inputs)  # (nothing runs on the caller's own)
+        _check_accepts(model, example_inputs)
     fused = fuse_model(
         model,
         example_inputs,

@@ -145,6 +145,17 @@ def test_rules_may_name_default_rules() -> None:
         fxfuse.optimize(model, rules=[default_rules().rules[0], "fold-bn"])  # type: ignore[list-item]
 
 
+def test_example_inputs_the_model_rejects_are_one_line_error(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(ValueError) as info:
+        fxfuse.optimize(conv_bn(), (torch.randn(2, 3, 5, 5),))
+    message = str(info.value)
+    assert message.startswith("Sequential rejects example_inputs (2x3x5x5): RuntimeError: ")
+    assert "to have 4 channels" in message and "\n" not in message
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_scripted_compiled_and_lazy_modules_are_one_line_errors() -> None:
     model = conv_bn()
     with pytest.raises(CaptureError, match=r"TorchScript module") as info:
