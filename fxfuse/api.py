@@ -37,8 +37,9 @@ def _rule_set(rules: RuleSet | Iterable[Rule[Any]] | Iterable[str] | str | None)
     if isinstance(rules, RuleSet):
         return rules
     items = (rules,) if isinstance(rules, str) else tuple(rules) if _iterable(rules) else None
-    if items is not None and all(isinstance(r, Rule) for r in items):
-        return RuleSet.of(items)
+    given = [r for r in items or () if isinstance(r, Rule)]
+    if items is not None and len(given) == len(items):
+        return RuleSet.of(given)
     default = default_rules()
     known = [r.name for r in default]
     if items is None or not all(isinstance(r, str) for r in items):
