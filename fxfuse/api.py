@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
@@ -14,25 +15,134 @@ import torch
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxfuse.capture import structural_copy
 from fxfuse.dialects import has_hooks
 from fxfuse.emit import emit
-from fxfuse.errors import TrainingModeError, VerificationError
+from fxfuse.errors import CaptureError, TrainingModeError, VerificationError
 from fxfuse.parts import fuse_model
 from fxfuse.report import FusionReport, Part, graph_stats
 from fxfuse.rules import FusionOptions, RewriteContext, Rule, RuleSet
-from fxfuse.verify import fresh_copies
+from fxfuse.verify import buffers_restored, fresh_copies
 
 __all__ = ["fuse_graph", "optimize"]
 
 log = logging.getLogger("fxfuse")
 
 
-def _rule_set(rules: RuleSet | Iterable[Rule[Any]] | None) -> RuleSet:
-    if rules is None:
-        from fxfuse.passes import default_rules
+def _rule_set(rules: RuleSet | Iterable[Rule[Any]] | Iterable[str] | str | None) -> RuleSet:
+    """The rule set ``rules=`` names: the default one, a :class:`RuleSet`, a list of rules (one
+    stage), or names of default rules (those, in their stages)."""
+    from fxfuse.passes import default_rules
 
+    if rules is None:
         return default_rules()
-    return rules if isinstance(rules, RuleSet) else RuleSet.of(rules)
+    if isinstance(rules, RuleSet):
+        return rules
+    items = (rules,) if isinstance(rules, str) else tuple(rules) if _iterable(rules) else None
+    given = [r for r in items or () if isinstance(r, Rule)]
+    if items is not None and len(given) == len(items):
+        return RuleSet.of(given)
+    default = default_rules()
+    known = [r.name for r in default]
+    if items is None or not all(isinstance(r, str) for r in items):
+        raise TypeError(
+            "rules= takes a RuleSet, a list of Rule objects, or names of default rules "
+            f"({', '.join(known)}), got {rules!r}"
+        )
+    unknown = [name for name in items if name not in known]
+    if unknown:
+        raise ValueError(
+            f"no default rule named {', '.join(map(repr, unknown))}; the default rules are "
+            f"{', '.join(known)}"
+        )
+    return default.without(*(name for name in known if name not in items))
+
+
+def _iterable(value: object) -> bool:
+    try:
+        iter(value)  # type: ignore[call-overload]
+    except TypeError:
+        return False
+    return True
+
+
+def _checked_model(model: nn.Module) -> None:
+    """Refuse, in one line, modules fxfuse cannot read: TorchScript, ``torch.compile``'d, lazy
+    ones not yet initialized, and models in training mode."""
+    name = type(model).__name__
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CaptureError(
+            f"fxfuse cannot capture a TorchScript module ({name}): its Python code is gone",
+            hint="pass the nn.Module you scripted, fxfuse.optimize(model), and script the result",
+            cli_hint="return the nn.Module itself, not torch.jit.script(model)",
+        )
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (not imported: not compiled)
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        raise CaptureError(
+            f"fxfuse cannot capture a torch.compile'd module ({name})",
+            hint="fuse first and compile the result, torch.compile(fxfuse.optimize(model)), "
+            'or compile with fxfuse as the backend, torch.compile(model, backend="fxfuse")',
+            cli_hint="return the nn.Module itself, not torch.compile(model)",
+        )
+    for where, module in model.named_modules():
+        if any(
+            nn.parameter.is_lazy(t)
+            for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+        ):
+            raise ValueError(
+                f"{_named(module, where)} is a lazy module not yet initialized: run one "
+                "forward pass first, model(x), to give it its shapes"
+            )
+    if model.training:
+        raise TrainingModeError(_training_reason(model))
+
+
+def _check_accepts(model: nn.Module, example_inputs: Sequence[Any]) -> None:
+    """Run ``model`` (a copy without its hooks, its buffers restored after) on the example:
+    inputs it rejects are refused here, in one line, not met deep inside capture."""
+    copy = structural_copy(model, hooks=False)
+    try:
+        with torch.no_grad(), buffers_restored(model):
+            copy(*fresh_copies(example_inputs))
+    except Exception as error:
+        lines = str(error).strip().splitlines()
+        shapes = ", ".join(
+            "x".join(map(str, x.shape)) if isinstance(x, Tensor) else type(x).__name__
+            for x in example_inputs
+        )
+        raise ValueError(
+            f"{type(model).__name__} rejects example_inputs ({shapes}): {type(error).__name__}"
+            f"{': ' + lines[0] if lines else ''}; pass inputs the model accepts"
+        ) from error
+
+
+def _named(module: nn.Module, where: str) -> str:
+    return f"{type(module).__name__} ({repr(where) if where else 'the model'})"
+
+
+def _training_reason(model: nn.Module) -> str:
+    """Why a model in training mode is refused, naming what in it behaves differently."""
+    found: dict[str, str] = {}
+    for where, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._NormBase) and (
+            isinstance(module, nn.modules.batchnorm._BatchNorm) or module.track_running_stats
+        ):
+            found.setdefault("norm", f"{_named(module, where)} uses batch statistics")
+        elif isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU)):
+            found.setdefault("random", f"{_named(module, where)} is random")
+    name = type(model).__name__
+    if found:
+        return (
+            f"{name} is in training mode, where {' and '.join(found.values())}, so no fused "
+            "model computes the same thing. Call model.eval() first (fxfuse never changes the "
+            "mode of your model)."
+        )
+    return (
+        f"{name} is in training mode (nn.Module's default); fxfuse fuses what it computes in "
+        "eval mode. Call model.eval() first (fxfuse never changes the mode of your model)."
+    )
 
 
 @contextlib.contextmanager
@@ -72,10 +182,23 @@ def _left_alone(graph: Graph, ctx: RewriteContext, skip: Mapping[str, Any]) -> l
 
 
 def _checked_options(
-    options: FusionOptions | None,
+    options: FusionOptions | Mapping[str, Any] | None,
     example_inputs: Sequence[Any] | None,
     verify: bool | Mapping[str, Any],
 ) -> FusionOptions:
+    if isinstance(options, Mapping):
+        fields = {f.name for f in dataclasses.fields(FusionOptions)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ValueError(
+                f"options has no {', '.join(map(repr, unknown))}: FusionOptions' fields are "
+                f"{', '.join(sorted(fields))}"
+            )
+        options = FusionOptions(**options)
+    elif options is not None and not isinstance(options, FusionOptions):
+        raise TypeError(
+            f"options= takes a FusionOptions or a dict of its fields, got {type(options).__name__}"
+        )
     options = options or FusionOptions()
     if verify:
         options = dataclasses.replace(options, validate_rewrites=True)
@@ -115,8 +238,8 @@ def optimize(
     model: nn.Module,
     example_inputs: Sequence[Any] | None = None,
     *,
-    rules: RuleSet | Iterable[Rule[Any]] | None = None,
-    options: FusionOptions | None = None,
+    rules: RuleSet | Iterable[Rule[Any]] | Iterable[str] | str | None = None,
+    options: FusionOptions | Mapping[str, Any] | None = None,
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     verify: bool | Mapping[str, Any] = False,
@@ -129,8 +252,8 @@ def optimize(
     model: torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | None = None,
     *,
-    rules: RuleSet | Iterable[Rule[Any]] | None = None,
-    options: FusionOptions | None = None,
+    rules: RuleSet | Iterable[Rule[Any]] | Iterable[str] | str | None = None,
+    options: FusionOptions | Mapping[str, Any] | None = None,
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     verify: bool | Mapping[str, Any] = False,
@@ -142,8 +265,8 @@ def optimize(
     model: nn.Module | torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | None = None,
     *,
-    rules: RuleSet | Iterable[Rule[Any]] | None = None,
-    options: FusionOptions | None = None,
+    rules: RuleSet | Iterable[Rule[Any]] | Iterable[str] | str | None = None,
+    options: FusionOptions | Mapping[str, Any] | None = None,
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     verify: bool | Mapping[str, Any] = False,
@@ -182,8 +305,9 @@ def optimize(
             and the rules check their layout assumptions against them. They are never
             changed: every run gets its own copies.
         rules: the rule set to run (default :func:`fxfuse.passes.default_rules`); a plain
-            list of :class:`~fxfuse.Rule` objects runs as one stage.
-        options: :class:`~fxfuse.FusionOptions` for the rules.
+            list of :class:`~fxfuse.Rule` objects runs as one stage; names of default rules
+            (``["fold-bn"]``) run those alone, in their stages.
+        options: :class:`~fxfuse.FusionOptions` for the rules, or a dict of its fields.
         leaf_modules: module classes to keep whole instead of tracing through them (each is
             still fused on its own).
         concrete_args: passed to ``torch.fx`` tracing of ``model``, to fix Python-valued
@@ -209,13 +333,18 @@ def optimize(
 
     Raises:
         TrainingModeError: ``model.training`` is true.
-        CaptureError: no part of the model can be captured; one line naming the construct
-            and where, and ``.hint``, what to try.
+        CaptureError: no part of the model can be captured (a TorchScript or
+            ``torch.compile``'d module, say); one line naming the construct and where, and
+            ``.hint``, what to try.
         VerificationError: with ``verify=True``, the fused model differs from ``model``.
-        ValueError: ``verify`` or ``validate_rewrites`` without ``example_inputs``.
+        ValueError: ``example_inputs`` the model rejects; ``verify`` or
+            ``validate_rewrites`` without them; a lazy module not yet initialized; an
+            unknown rule name or option.
+        TypeError: ``rules`` or ``options`` of the wrong type.
     """
     if equalize:
-        options = dataclasses.replace(options or FusionOptions(), equalize=True)
+        checked = _checked_options(options, example_inputs, False)
+        options = dataclasses.replace(checked, equalize=True)
     if isinstance(model, torch.export.ExportedProgram):
         return _optimize_program(model, example_inputs, rules=rules, options=options, verify=verify)
     if not isinstance(model, nn.Module):
@@ -223,15 +352,12 @@ def optimize(
             "fxfuse.optimize takes an nn.Module or a torch.export.ExportedProgram, "
             f"got {type(model).__name__}"
         )
-    if model.training:
-        raise TrainingModeError(
-            f"{type(model).__name__} is in training mode, where batch norm uses batch "
-            "statistics and dropout is random, so no fused model computes the same thing. "
-            "Call model.eval() first (fxfuse never changes the mode of your model)."
-        )
+    _checked_model(model)
     options = _checked_options(options, example_inputs, verify)
+    rules = _rule_set(rules)
     if example_inputs is not None:
         example_inputs = fresh_copies(example_inputs)  # (nothing runs on the caller's own)
+        _check_accepts(model, example_inputs)
     with _collection_paused():
         fused = fuse_model(
             model,
@@ -255,7 +381,7 @@ def fuse_graph(
     root: nn.Module,
     *,
     bound: dict[Node, Tensor] | None = None,
-    rules: RuleSet | Iterable[Rule[Any]] | None = None,
+    rules: RuleSet | Iterable[Rule[Any]] | Iterable[str] | str | None = None,
     options: FusionOptions | None = None,
     capture: str,
     class_name: str,
@@ -332,13 +458,14 @@ def _optimize_program(
     program: torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | None,
     *,
-    rules: RuleSet | Iterable[Rule[Any]] | None,
-    options: FusionOptions | None,
+    rules: RuleSet | Iterable[Rule[Any]] | Iterable[str] | str | None,
+    options: FusionOptions | Mapping[str, Any] | None,
     verify: bool | Mapping[str, Any],
 ) -> torch.export.ExportedProgram:
     """Fuse an ``ExportedProgram``: its module (aten IR) through the same rules, re-exported."""
     args, kwargs = _program_inputs(program, example_inputs)
     options = _checked_options(options, args, verify)
+    rules = _rule_set(rules)
     start = time.perf_counter()
     module = program.module()
     captured = time.perf_counter() - start

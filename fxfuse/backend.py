@@ -86,6 +86,18 @@ class BackendOptions:
             raise FxFuseError(f"option report={parsed.report!r}: use 'log', 'none' or a callable")
         if parsed.weights not in ("live", "frozen"):
             raise FxFuseError(f"option weights={parsed.weights!r}: use 'live' or 'frozen'")
+        if not isinstance(parsed.inner, str) and not callable(parsed.inner):
+            raise FxFuseError(
+                f"option inner={parsed.inner!r}: use a backend name ('eager', 'inductor', …) "
+                "or a compiler callable"
+            )
+        if not isinstance(parsed.verify, bool):
+            raise FxFuseError(f"option verify={parsed.verify!r}: use True or False")
+        size = parsed.cache_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise FxFuseError(
+                f"option cache_size={size!r}: use an int ≥ 0 (weight sets remembered per graph)"
+            )
         return parsed
 
 

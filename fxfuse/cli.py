@@ -136,8 +136,29 @@ def _first_input_error(model: nn.Module, x: Tensor) -> None:
         raise UsageError(
             f"the model does not accept an input of shape {tuple(x.shape)}: "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-            "give the right one with --input-shape, e.g. --input-shape 1,3,224,224",
+            _shape_hint(model, tuple(x.shape)),
         ) from error
+
+
+def _shape_hint(model: nn.Module, rejected: tuple[int, ...]) -> str:
+    """What to pass as ``--input-shape``, read off the model's first conv or linear layer
+    (never the shape it just rejected)."""
+    for name, module in model.named_modules():
+        if isinstance(module, _ConvNd):
+            dims = len(module.kernel_size)
+            form = "N,C," + {1: "L", 2: "H,W", 3: "D,H,W"}.get(dims, ",".join(["S"] * dims))
+            example = (1, module.in_channels, *[32] * dims)
+            layer = f"its first conv ('{name}') is {dims}-d with {module.in_channels} channels in"
+            break
+        if isinstance(module, nn.Linear):
+            form, example = "N,F", (1, module.in_features)
+            layer = f"its first linear layer ('{name}') takes {module.in_features} features"
+            break
+    else:
+        return "give the right one with --input-shape N,C,H,W (the sizes its forward takes)"
+    shown = ",".join(map(str, example))
+    also = f", e.g. --input-shape {shown}" if example != rejected else ""
+    return f"give the right one with --input-shape {form}{also} ({layer})"
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:

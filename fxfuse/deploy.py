@@ -265,19 +265,20 @@ class _Pairing:
         i = j = 0
         while j < len(self.target):
             d = self.target[j]
-            if i >= len(self.source):
+            f = self.source[i] if i < len(self.source) else None
+            why = None if f is None else _difference(f, d)
+            if f is not None and why is None:
+                j = self.give(f, d, j)
+                i += 1
+            elif d.kind == "batch_norm" and self.after_conv(d, j):
+                # a kept batch norm is matched before "no layer left": it may be the last layer
+                self.identity(d, shift=None)  # the conv's own bias stays in the conv
+            elif f is None:
                 raise DeployMatchError(
                     f"the fused model has no layer left for deploy {self.where(d, j, True)}: "
                     f"it runs {len(self.source)} layers",
                     "is the deploy model the same network (depth, heads) as the trained one?",
                 )
-            f = self.source[i]
-            why = _difference(f, d)
-            if why is None:
-                j = self.give(f, d, j)
-                i += 1
-            elif d.kind == "batch_norm" and self.after_conv(d, j):
-                self.identity(d, shift=None)  # the conv's own bias stays in the conv
             else:
                 raise DeployMatchError(
                     f"cannot pair fused {self.where(f, i, False)} with deploy "

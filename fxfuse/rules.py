@@ -110,6 +110,22 @@ class FusionOptions:
     equalize: bool = False
     keep_post_sum_bn: bool = False
 
+    def __post_init__(self) -> None:
+        ratio, rounds, validate = self.max_flops_ratio, self.max_rounds, self.validate_rewrites
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise TypeError(f"FusionOptions' max_flops_ratio must be a number, got {ratio!r}")
+        if not ratio > 0:
+            raise ValueError(
+                "FusionOptions' max_flops_ratio must be > 0 (how much more arithmetic a merge "
+                f"may cost than its branches), got {ratio!r}"
+            )
+        if isinstance(rounds, bool) or not isinstance(rounds, int):
+            raise TypeError(f"FusionOptions' max_rounds must be an int, got {rounds!r}")
+        if rounds < 1:
+            raise ValueError(f"FusionOptions' max_rounds must be ≥ 1, got {rounds!r}")
+        if not isinstance(validate, bool):
+            raise TypeError(f"FusionOptions' validate_rewrites must be a bool, got {validate!r}")
+
 
 @dataclass
 class Match:

@@ -406,6 +406,36 @@ def _scratch_storage() -> Iterator[None]:
             set_home(previous)
 
 
+def _checked_knobs(examples: Any, tolerance: Any, batch_sizes: Any) -> tuple[int, int] | None:
+    """Refuse bad ``verify`` arguments at the call, one line each; the batch sizes as a pair."""
+    if isinstance(examples, bool) or not isinstance(examples, int):
+        raise TypeError(f"verify's examples must be an int, got {examples!r}")
+    if examples < 0:
+        raise ValueError(f"verify's examples must be ≥ 0 (0: the example alone), got {examples}")
+    if tolerance is not None:
+        for value in tolerance.values() if isinstance(tolerance, Mapping) else [tolerance]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    "verify's tolerance must be a number (the normalised error allowed) or a "
+                    f"mapping from dtype to one, got {tolerance!r}"
+                )
+            if not value >= 0:
+                raise ValueError(f"verify's tolerance must be ≥ 0, got {tolerance!r}")
+    if batch_sizes is None:
+        return None
+    pair = tuple(batch_sizes) if isinstance(batch_sizes, Sequence) else ()
+    if (
+        len(pair) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in pair)
+        or not 1 <= pair[0] <= pair[1]
+    ):
+        raise ValueError(
+            "verify's batch_sizes must be a pair (low, high) with 1 ≤ low ≤ high, or None to "
+            f"keep the example's batch size, got {batch_sizes!r}"
+        )
+    return (pair[0], pair[1])
+
+
 def _search(job: _Job, cases: Any, examples: int, seed: int, deadline: float | None) -> None:
     """A hypothesis search of its own: ``examples`` inputs, shrunk on failure, deterministic."""
     from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings
@@ -517,8 +547,7 @@ def verify(
     """
     strategies = _strategies()
     example = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    if examples < 0:
-        raise ValueError(f"examples must be ≥ 0, got {examples}")
+    batch_sizes = _checked_knobs(examples, tolerance, batch_sizes)
     started = time.perf_counter()
     # run copies: a forward may keep Python state (a call counter, a log) that buffers_restored
     # cannot put back; the caller's models are never run
@@ -543,7 +572,8 @@ def verify(
             channels_last=layouts,
         )
         if draw is None:
-            _search(job, cases, examples, seed, deadline)
+            if examples > 0:  # (0: the example alone)
+                _search(job, cases, examples, seed, deadline)
         else:
             stop = math.inf if deadline is None else time.monotonic() + deadline
             for _ in range(examples):

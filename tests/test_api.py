@@ -84,6 +84,91 @@ def test_training_mode_is_a_clear_error() -> None:
         fxfuse.optimize(RepVGGBlock(4, 4))
 
 
+def test_training_mode_names_what_in_the_model_behaves_differently() -> None:
+    with pytest.raises(TrainingModeError) as info:
+        fxfuse.optimize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.1)))
+    message = str(info.value)
+    assert "BatchNorm2d ('1') uses batch statistics" in message
+    assert "Dropout ('2') is random" in message and "\n" not in message
+    with pytest.raises(TrainingModeError) as info:
+        fxfuse.optimize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)))
+    message = str(info.value)
+    assert "batch" not in message.lower() and "dropout" not in message.lower()
+    assert "Sequential is in training mode" in message and "model.eval()" in message
+
+
+def conv_bn() -> nn.Module:
+    return randomize_batch_norms(
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
+    )
+
+
+def test_options_may_be_a_dict_of_fusion_options_fields() -> None:
+    model = RepVGGBlock(4, 4).eval()
+    fused = fxfuse.optimize(model, options={"max_flops_ratio": 1.0})
+    assert fused.fxfuse_report.counts["merge-branches"] == 1
+    with pytest.raises(ValueError, match=r"options has no 'max_flops'.*max_flops_ratio"):
+        fxfuse.optimize(model, options={"max_flops": 2.0})
+    with pytest.raises(TypeError, match=r"options= takes a FusionOptions or a dict"):
+        fxfuse.optimize(model, options=[("max_flops_ratio", 2.0)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "named"),
+    [
+        ({"max_flops_ratio": "x"}, TypeError, "max_flops_ratio must be a number"),
+        ({"max_flops_ratio": -1}, ValueError, "max_flops_ratio must be > 0"),
+        ({"max_rounds": 0}, ValueError, "max_rounds must be ≥ 1"),
+        ({"max_rounds": 2.0}, TypeError, "max_rounds must be an int"),
+        ({"validate_rewrites": "yes"}, TypeError, "validate_rewrites must be a bool"),
+    ],
+)
+def test_fusion_options_refuse_bad_values_when_built(
+    fields: dict[str, object], error: type[Exception], named: str
+) -> None:
+    with pytest.raises(error, match=named):
+        fxfuse.FusionOptions(**fields)  # type: ignore[arg-type]
+
+
+def test_rules_may_name_default_rules() -> None:
+    model = randomize_batch_norms(RepVGGBlock(4, 4).eval())
+    x = torch.randn(2, 4, 7, 6)
+    for rules in ("fold-bn", ["fold-bn"]):
+        fused = fxfuse.optimize(model, rules=rules)
+        assert dict(fused.fxfuse_report.counts) == {"fold-bn": 2}
+        assert relative_error(model(x), fused(x)) < 1e-5
+    with pytest.raises(ValueError, match=r"no default rule named 'fold_bn'; .*fold-bn"):
+        fxfuse.optimize(model, rules=["fold_bn"])
+    with pytest.raises(TypeError, match=r"rules= takes a RuleSet, a list of Rule objects"):
+        fxfuse.optimize(model, rules=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"rules= takes"):
+        fxfuse.optimize(model, rules=[default_rules().rules[0], "fold-bn"])  # type: ignore[list-item]
+
+
+def test_example_inputs_the_model_rejects_are_one_line_error(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(ValueError) as info:
+        fxfuse.optimize(conv_bn(), (torch.randn(2, 3, 5, 5),))
+    message = str(info.value)
+    assert message.startswith("Sequential rejects example_inputs (2x3x5x5): RuntimeError: ")
+    assert "to have 4 channels" in message and "\n" not in message
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_scripted_compiled_and_lazy_modules_are_one_line_errors() -> None:
+    model = conv_bn()
+    with pytest.raises(CaptureError, match=r"TorchScript module") as info:
+        fxfuse.optimize(torch.jit.script(model))
+    assert "pass the nn.Module" in info.value.hint
+    with pytest.raises(CaptureError, match=r"torch\.compile'd module") as info:
+        fxfuse.optimize(torch.compile(model))
+    assert 'backend="fxfuse"' in info.value.hint and "example inputs" not in info.value.hint
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(ValueError, match=r"LazyConv2d \('0'\) is a lazy module .* forward"):
+        fxfuse.optimize(lazy)
+
+
 def test_not_a_module_is_a_type_error() -> None:
     with pytest.raises(TypeError, match=r"nn\.Module"):
         fxfuse.optimize(lambda x: x)  # type: ignore[arg-type]

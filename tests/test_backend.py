@@ -210,6 +210,27 @@ def test_unknown_option_is_a_clear_error() -> None:
         compiled(torch.randn(2))
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"inner": 5}, "option inner=5: use a backend name"),
+        ({"weights": "frozen", "cache_size": -1}, "option cache_size=-1: use an int ≥ 0"),
+        ({"cache_size": "8"}, "option cache_size='8'"),
+        ({"verify": "yes"}, "option verify='yes': use True or False"),
+    ],
+)
+def test_bad_option_values_are_clear_errors(options: dict[str, object], named: str) -> None:
+    with pytest.raises(fxfuse.FxFuseError, match=named) as info:
+        fxfuse.backend.BackendOptions.parse(options)
+    assert "\n" not in str(info.value)
+
+
+def test_a_bad_option_value_is_reported_through_torch_compile() -> None:
+    compiled = torch.compile(nn.ReLU(), backend="fxfuse", options={"inner": 5})
+    with pytest.raises(Exception, match="option inner=5"):
+        compiled(torch.randn(2))
+
+
 def test_a_weight_swapped_through_data_is_seen() -> None:
     model = randomize_batch_norms(repvgg_net().eval())
     x = torch.randn(1, 3, 16, 16)

@@ -252,6 +252,49 @@ def test_errors_are_one_line_and_a_hint(
     assert_one_line_and_hint(capsys.readouterr().err, *phrases)
 
 
+@pytest.mark.parametrize(
+    ("layer", "form", "example"),
+    [
+        ("nn.Conv1d(3, 4, 3)", "N,C,L", "1,3,32"),
+        ("nn.Conv2d(5, 4, 3)", "N,C,H,W", "1,5,32,32"),
+        ("nn.Linear(10, 4)", "N,F", "1,10"),
+    ],
+)
+def test_a_rejected_input_shape_hints_the_form_the_first_layer_takes(
+    layer: str, form: str, example: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "shaped.py"
+    path.write_text(
+        f"from torch import nn\ndef make():\n    return nn.Sequential({layer}).eval()\n"
+    )
+    assert main(["optimize", f"{path}:make"]) == 2  # the default input, 1x3x224x224
+    stderr = capsys.readouterr().err
+    assert_one_line_and_hint(
+        stderr, "(1, 3, 224, 224)", f"--input-shape {form}, e.g. --input-shape {example}"
+    )
+    assert "1,3,224,224" not in stderr.splitlines()[-1]
+
+
+def test_the_hint_never_repeats_the_rejected_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "picky.py"
+    path.write_text(
+        "from torch import nn\n"
+        "class Picky(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.conv = nn.Conv1d(3, 4, 3)\n"
+        "    def forward(self, x):\n"
+        "        assert x.shape[-1] == 7, 'length 7 only'\n"
+        "        return self.conv(x)\n"
+        "def make():\n"
+        "    return Picky().eval()\n"
+    )
+    assert main(["optimize", f"{path}:make", "--input-shape", "1,3,32"]) == 2
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--input-shape N,C,L (its first conv ('conv')" in hint and "1,3,32" not in hint
+
+
 def test_factory_errors(factory_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["optimize", f"{factory_file}:smal"]) == 2
     assert_one_line_and_hint(capsys.readouterr().err, "did you mean small")

@@ -110,6 +110,25 @@ def test_a_deploy_class_that_keeps_batch_norms_gets_them_as_identities(conv_bias
     assert count_ops(deploy, x)["batch_norm"] == 2
 
 
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_a_kept_batch_norm_that_is_the_last_layer_gets_it_as_an_identity(conv_bias: bool) -> None:
+    def make() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 5, 3, padding=1, bias=conv_bias),
+            nn.BatchNorm2d(5),
+        )
+
+    train = randomize_batch_norms(make().eval()).double()
+    deploy = make().double().eval()
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    state = deploy_state_dict(fxfuse.optimize(train), deploy, (x,))
+    assert_loads_and_matches(train, deploy, state, torch.randn(1, 3, 9, 6).double(), 1e-10)
+    assert torch.equal(deploy[4].running_mean, torch.zeros(5))
+
+
 class BatchNormBeforeConv(nn.Module):
     """conv → ReLU → BN → padded conv: the middle batch norm reads a ReLU and feeds a conv
     that reads padding, so fxfuse keeps it; a deploy class with another ``eps`` pairs."""

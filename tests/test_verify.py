@@ -218,6 +218,37 @@ def test_tolerance_and_deadline_knobs() -> None:
     assert report.examples == 1  # the example only: no time to draw more
 
 
+def test_examples_zero_checks_the_example_alone() -> None:
+    model = reference()
+    report = fxfuse.verify(model, fxfuse.optimize(model), EXAMPLE, examples=0)
+    assert report.examples == 1
+    with pytest.raises(VerificationError):
+        fxfuse.verify(model, nudged_weight(fxfuse.optimize(model)), EXAMPLE, examples=0)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "named"),
+    [
+        ({"batch_sizes": []}, "batch_sizes must be a pair"),
+        ({"batch_sizes": [0]}, "batch_sizes must be a pair"),
+        ({"batch_sizes": (0, 3)}, "batch_sizes must be a pair"),
+        ({"batch_sizes": (4, 2)}, "batch_sizes must be a pair"),
+        ({"examples": -1}, "examples must be ≥ 0"),
+        ({"examples": 2.5}, "examples must be an int"),
+        ({"tolerance": -1}, "tolerance must be ≥ 0"),
+        ({"tolerance": "1e-3"}, "tolerance must be a number"),
+        ({"tolerance": {torch.float32: -1.0}}, "tolerance must be ≥ 0"),
+    ],
+)
+def test_bad_knobs_are_one_line_errors_at_the_call(knobs: dict[str, object], named: str) -> None:
+    model = reference()
+    with pytest.raises((ValueError, TypeError), match=named) as caught:
+        fxfuse.verify(model, model, EXAMPLE, **knobs)  # type: ignore[arg-type]
+    wrong_type = "must be a number" in named or "must be an int" in named
+    assert type(caught.value) is (TypeError if wrong_type else ValueError)
+    assert "\n" not in str(caught.value)
+
+
 def test_leaves_nothing_in_the_working_directory(tmp_path: Path) -> None:
     # a fresh process: hypothesis fixes its storage directory (./.hypothesis) at import, and
     # even without a database caches the constants of local source files there
