@@ -155,6 +155,13 @@ def time_steps(spec: str, batch: int, rounds: int, device: str) -> dict[str, Any
     result: dict[str, Any] = {"spec": spec, "batch": batch, "rounds": rounds}
     result["check_s"] = setup.check_s
     result["agreement"] = setup.agree()
+    result.update(summarize(times))
+    return result
+
+
+def summarize(times: dict[str, list[float]]) -> dict[str, Any]:
+    """Per variant: the median and the quartiles of its step times, in ms."""
+    result: dict[str, Any] = {}
     for name, samples in times.items():
         q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
         result[name] = {
@@ -166,7 +173,11 @@ def time_steps(spec: str, batch: int, rounds: int, device: str) -> dict[str, Any
 
 def memory_here(spec: str, variant: str, batch: int, device: str) -> dict[str, Any]:
     """The child's job: one warm-up step, then the peak of one more."""
-    setup = _Setup(spec, batch, device)
+    return step_peak(_Setup(spec, batch, device), variant, device)
+
+
+def step_peak(setup: Any, variant: str, device: str) -> dict[str, Any]:
+    """One warm-up ``setup.step(variant)``, then the peak memory of one more."""
     setup.step(variant)
     if device == "cuda":
         torch.cuda.synchronize()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +34,6 @@ from torch import Tensor, nn
 
 import fxfuse
 from benchmarks import rdrop
-from benchmarks.memory import _reset_peak, _status_kib
 from fxfuse.console import progress, table
 from fxfuse.testing import relative_error
 
@@ -124,33 +122,13 @@ def time_steps(spec: str, batch: int, rounds: int, device: str) -> dict[str, Any
                 times[name].append(time.perf_counter() - start)
     result: dict[str, Any] = {"spec": spec, "batch": batch, "rounds": rounds}
     result["agreement"] = setup.agree()
-    for name, samples in times.items():
-        q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-        result[name] = {
-            "median_ms": statistics.median(samples) * 1e3,
-            "quartiles_ms": [q[0] * 1e3, q[2] * 1e3],
-        }
+    result.update(rdrop.summarize(times))
     return result
 
 
 def memory_here(spec: str, variant: str, batch: int, device: str) -> dict[str, Any]:
     """The child's job: one warm-up step, then the peak of one more."""
-    setup = _Setup(spec, batch, device)
-    setup.step(variant)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        setup.step(variant)
-        torch.cuda.synchronize()
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - before, "how": "cuda allocator"}
-    before = _status_kib("VmRSS")
-    if not _reset_peak():
-        return {"peak_bytes": None, "how": "unavailable (no /proc/self/clear_refs)"}
-    setup.step(variant)
-    hwm = _status_kib("VmHWM")
-    peak = (hwm - before) * 1024 if hwm is not None and before is not None else None
-    return {"peak_bytes": peak, "how": "RSS high-water mark"}
+    return rdrop.step_peak(_Setup(spec, batch, device), variant, device)
 
 
 def run(specs: list[str], *, batch: int, rounds: int, device: str) -> list[dict[str, Any]]:
