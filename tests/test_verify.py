@@ -236,6 +236,7 @@ def test_examples_zero_checks_the_example_alone() -> None:
         ({"examples": -1}, "examples must be ≥ 0"),
         ({"examples": 2.5}, "examples must be an int"),
         ({"tolerance": -1}, "tolerance must be ≥ 0"),
+        ({"tolerance": float("nan")}, "tolerance must be ≥ 0"),  # (every comparison passed)
         ({"tolerance": "1e-3"}, "tolerance must be a number"),
         ({"tolerance": {torch.float32: -1.0}}, "tolerance must be ≥ 0"),
     ],
