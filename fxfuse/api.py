@@ -22,7 +22,7 @@ from fxfuse.errors import CaptureError, TrainingModeError, VerificationError
 from fxfuse.parts import fuse_model
 from fxfuse.report import FusionReport, Part, graph_stats
 from fxfuse.rules import FusionOptions, RewriteContext, Rule, RuleSet
-from fxfuse.verify import buffers_restored, fresh_copies
+from fxfuse.verify import fresh_copies
 
 __all__ = ["fuse_graph", "optimize"]
 
@@ -98,11 +98,12 @@ def _checked_model(model: nn.Module) -> None:
 
 
 def _check_accepts(model: nn.Module, example_inputs: Sequence[Any]) -> None:
-    """Run ``model`` (a copy without its hooks, its buffers restored after) on the example:
-    inputs it rejects are refused here, in one line, not met deep inside capture."""
-    copy = structural_copy(model, hooks=False)
+    """Run ``model`` (a copy without its hooks, owning its tensors: a forward may write a
+    buffer, or a weight under ``no_grad``) on the example: inputs it rejects are refused here,
+    in one line, not met deep inside capture."""
+    copy = structural_copy(model, hooks=False, own_buffers=True, own_parameters=True)
     try:
-        with torch.no_grad(), buffers_restored(model):
+        with torch.no_grad():
             copy(*fresh_copies(example_inputs))
     except Exception as error:
         lines = str(error).strip().splitlines()

@@ -336,7 +336,11 @@ def _global_hooks_held_back() -> Iterator[None]:
 
 
 def structural_copy(
-    module: nn.Module, *, hooks: bool = True, own_buffers: bool = False
+    module: nn.Module,
+    *,
+    hooks: bool = True,
+    own_buffers: bool = False,
+    own_parameters: bool = False,
 ) -> nn.Module:
     """New module objects with ``module``'s structure, sharing its tensors and values.
 
@@ -347,7 +351,8 @@ def structural_copy(
     the graph's targets name them exactly. ``hooks=False`` leaves the copies without the
     modules' hooks (to run it without calling the user's hooks); ``own_buffers`` gives it
     copies of the buffers (to run it: a forward that updates a buffer in place must not
-    update the caller's, nor teach the copy a value the caller's model does not hold).
+    update the caller's, nor teach the copy a value the caller's model does not hold), and
+    ``own_parameters`` of the parameters (a forward may write a weight under ``no_grad``).
     """
     made: dict[int, Any] = {}
 
@@ -369,6 +374,11 @@ def structural_copy(
             state["_buffers"] = {
                 k: None if b is None else _owned(b, made) for k, b in m._buffers.items()
             }
+        if own_parameters:
+            state["_parameters"] = {
+                k: None if p is None else _owned(p, made, parameter=True)
+                for k, p in m._parameters.items()
+            }
         new.__dict__.update(state)
         return new
 
@@ -376,10 +386,11 @@ def structural_copy(
         return visit(module)
 
 
-def _owned(tensor: torch.Tensor, made: dict[int, Any]) -> torch.Tensor:
+def _owned(tensor: torch.Tensor, made: dict[int, Any], parameter: bool = False) -> torch.Tensor:
     """A copy of ``tensor``, one per tensor (a buffer registered twice stays one)."""
     if id(tensor) not in made:
-        made[id(tensor)] = tensor.detach().clone()
+        clone = tensor.detach().clone()
+        made[id(tensor)] = nn.Parameter(clone, tensor.requires_grad) if parameter else clone
     return made[id(tensor)]  # type: ignore[no-any-return]
 
 
