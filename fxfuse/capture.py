@@ -243,6 +243,11 @@ class Tracer(FxTracer):
         return super().create_arg(a)
 
 
+class AutocastRegion(TraceError):
+    """An ``autocast`` region inside ``forward``: no graph fxfuse rewrites may hold one (its
+    ops compute in another precision, and a fold could move an op across its edge)."""
+
+
 @contextlib.contextmanager
 def _autocast_refused() -> Iterator[None]:
     """An ``autocast`` region inside ``forward`` is not traceable: ``torch.fx`` runs its
@@ -253,7 +258,7 @@ def _autocast_refused() -> Iterator[None]:
     enter = autocast.__enter__
 
     def refuse(self: Any) -> Any:
-        raise TraceError(
+        raise AutocastRegion(
             "an autocast region (torch.autocast) inside forward: torch.fx cannot record it"
         )
 
@@ -788,7 +793,7 @@ def export_capture(model: nn.Module, example_inputs: Sequence[Any]) -> Exported:
             continue
         hop = torch.ops.higher_order
         if any(n.target is getattr(hop, "wrap_with_autocast", None) for n in program.graph.nodes):
-            error = error or TraceError(
+            error = error or AutocastRegion(
                 "an autocast region (torch.autocast) inside forward: functionalizing the "
                 "program inlines it, and a fold could move an op across its edge"
             )
@@ -888,7 +893,7 @@ def capture_error(what: str, failure: Failure, *, exported: Failure | None = Non
         there = exported.where == failure.where or not exported.where
         also = "; torch.export fails there too" if there else f"; torch.export at {exported.where}"
     message = f"torch.fx cannot capture {what}: {failure}{also}"
-    if "autocast region" in str(failure):
+    if isinstance(failure.error, AutocastRegion):
         hint = (
             "call the model under torch.autocast instead, or put the region's layers in a "
             "submodule of their own (it is then fused on its own)"
