@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import importlib
 import logging
 import math
@@ -238,14 +237,9 @@ class _Job:
     def choose_axes(self, batch_sizes: tuple[int, int] | None, spatial: bool) -> None:
         """Vary each axis the reference accepts another size on; keep the others."""
         s = self.strategies
-        axes = tuple(
-            # larger spatial sizes up to 1.125× (not 1.5×): a larger input finds the stride
-            # and alignment bugs a smaller odd or even one does, at up to 2.25× a pass's cost
-            dataclasses.replace(axis, high=_larger(axis.size))
-            if axis.kind == "spatial" and axis.high > _larger(axis.size)
-            else axis
-            for axis in s.input_axes(self.example, batch_sizes=batch_sizes, spatial=spatial)
-        )
+        # larger spatial sizes up to 1.125× (not 1.5×): a larger input finds the stride and
+        # alignment bugs a smaller odd or even one does, at up to 2.25× a pass's cost
+        axes = s.input_axes(self.example, batch_sizes=batch_sizes, spatial=spatial, larger=_larger)
         base = tuple(axis.size for axis in axes)
         free = []
         for k, axis in enumerate(axes):

@@ -32,7 +32,7 @@ statistics hide wrong folds).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -678,6 +678,7 @@ def input_axes(
     *,
     batch_sizes: tuple[int, int] | None = (1, 4),
     spatial: bool = True,
+    larger: Callable[[int], int] | None = None,
 ) -> tuple[Axis, ...]:
     """The sizes of ``example_inputs`` worth varying, assuming ``N, C, *spatial`` layout.
 
@@ -685,7 +686,8 @@ def input_axes(
     (``None`` keeps it). Spatial dims are dims 2… of floating tensors of rank ≥ 3; dims of
     different inputs at the same position from the end and of the same size share one axis
     (two images added together stay the same size). Sizes range over ``[s // 2, s + max(4,
-    s // 2)]``: odd and even, smaller and larger.
+    s // 2)]``: odd and even, smaller and larger; ``larger(s)``, if given, is the largest
+    instead.
     """
     tensors = _tensor_inputs(example_inputs)
     axes: list[Axis] = []
@@ -700,9 +702,8 @@ def input_axes(
             for d in range(2, x.dim()):
                 groups.setdefault((x.dim() - d, x.shape[d]), []).append((i, d))
         for (_, size), members in sorted(groups.items(), key=lambda kv: kv[1][0]):
-            axes.append(
-                Axis("spatial", tuple(members), size, max(1, size // 2), size + max(4, size // 2))
-            )
+            high = size + max(4, size // 2) if larger is None else larger(size)
+            axes.append(Axis("spatial", tuple(members), size, max(1, size // 2), high))
     return tuple(axes)
 
 
