@@ -368,13 +368,12 @@ class FusingCallable:
         self._next_key = 0
         # an autocast region changes what the ops in it compute: a fold across its edge would
         # move an op into another precision; such a graph runs as captured
-        self.autocast = next(
-            (n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _AUTOCAST),
-            None,
+        self.autocast = any(
+            n.op == "call_function" and n.target in _AUTOCAST for n in gm.graph.nodes
         )
 
     def __call__(self, *args: Any) -> Any:
-        if self.autocast is not None:
+        if self.autocast:
             return self._run_unfused(args, "autocast")
         weights = [args[i] for i in self.weight_indices]
         if self.options.weights == "live":
