@@ -48,6 +48,7 @@ from fxfuse.capture import (
     ExportError,
     Failure,
     Traced,
+    _owned,
     capture_error,
     default_leaf,
     export_capture,
@@ -289,17 +290,17 @@ def _own_written(root: nn.Module, graph: Graph) -> None:
         return value if isinstance(value, torch.Tensor) else None
 
     effects = Effects(graph, root.get_submodule, held)
+    made: dict[int, Any] = {}  # (a tensor under two names stays one)
     for node in graph.nodes:
         t = held(node)
         if t is None or not effects.written(node):
             continue
         owner, _, name = str(node.target).rpartition(".")
         module = root.get_submodule(owner)
-        clone = t.detach().clone()
         if name in module._parameters:
-            module._parameters[name] = nn.Parameter(clone, requires_grad=t.requires_grad)
+            module._parameters[name] = _owned(t, made, parameter=True)  # type: ignore[assignment]
         elif name in module._buffers:
-            module._buffers[name] = clone
+            module._buffers[name] = _owned(t, made)
 
 
 class _Recorder(ShapeProp):
