@@ -91,6 +91,8 @@ _GLOBAL_HOOKS = (
 # what every nn.Module instance holds itself (parameters, children, hooks and their flags)
 _MODULE_STATE = frozenset(nn.Module().__dict__)
 _HOOK_SUFFIXES = ("hooks", "_with_kwargs", "_always_called", "_is_full_backward_hook")
+# arguments torch.fx stores in a node as they are
+_PLAIN_ARGUMENTS = frozenset({int, float, bool, str, type(None)})
 # non-tensor defaults that are made concrete (torch.fx guards each of these types)
 _CONCRETE = (bool, int, float, str, type(None))
 
@@ -181,6 +183,7 @@ class Tracer(FxTracer):
         self.leaf_paths = frozenset(leaf_paths)
         self.signature = signature
         self._names: dict[int, str] = {}
+        self._global_hooks = False
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> Graph:
         self._names = {}
@@ -189,6 +192,7 @@ class Tracer(FxTracer):
                 self._names.setdefault(id(buffer), name)
             for name, param in root.named_parameters():
                 self._names.setdefault(id(param), name)
+        self._global_hooks = any(getattr(_module_hooks, n) for n in _GLOBAL_HOOKS)
         try:
             with _global_hooks_held_back(), _RandomCallsRecorded(self), _autocast_refused():
                 return super().trace(root, concrete_args)
@@ -223,10 +227,31 @@ class Tracer(FxTracer):
             or super().is_leaf_module(m, module_qualified_name)
         )
 
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Proxy]) -> Any:
-        if isinstance(attr_val, nn.Parameter) or (
-            self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        # ``nn.Identity`` hands its argument back: no node (timm puts two in every
+        # normalization layer, a fifth of a graph's nodes; each costs capture, rules, emit)
+        if (
+            type(m) is nn.Identity
+            and len(args) == 1
+            and not kwargs
+            and not hooked(m)
+            and not self._global_hooks
+            and not isinstance(m, self.extra_leaves)
+            and self.path_of_module(m) not in self.leaf_paths
         ):
+            return args[0]
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Proxy]) -> Any:
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val  # (submodules, flags: most attribute reads while tracing)
+        if self.proxy_buffer_attributes or isinstance(attr_val, nn.Parameter):
             name = self._names.get(id(attr_val))
             if name is None or self.param_shapes_constant:
                 return super().getattr(attr, attr_val, parameter_proxy_cache)
@@ -236,6 +261,15 @@ class Tracer(FxTracer):
         return attr_val
 
     def create_arg(self, a: Any) -> Any:
+        kind = type(a)
+        if kind in _PLAIN_ARGUMENTS:
+            return a  # (what torch.fx returns for them, without its type checks)
+        if kind is InPlaceProxy:
+            return a.node
+        if kind is tuple:
+            return tuple([self.create_arg(e) for e in a])
+        if kind is list:
+            return [self.create_arg(e) for e in a]
         if isinstance(a, torch.Tensor) and not isinstance(a, Proxy):
             name = self._names.get(id(a))
             if name is not None:

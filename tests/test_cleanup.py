@@ -11,13 +11,18 @@ from fxfuse.testing import count_ops
 from tests.helpers import declined, fuse_and_check
 
 
+class Skip(nn.Identity):
+    """An ``nn.Identity`` kept whole (``leaf_modules``) reaches the graph, and drop-identity
+    removes it. A plain ``nn.Identity`` never does: capture hands its argument back."""
+
+
 class Noise(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, skip: nn.Module | None = None) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.drop = nn.Dropout(0.5)
         self.drop2d = nn.Dropout2d(0.2)
-        self.skip = nn.Identity()
+        self.skip = Skip() if skip is None else skip
         self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -28,12 +33,33 @@ class Noise(nn.Module):
 
 def test_eval_dropout_and_identity_disappear_and_unblock_the_fold() -> None:
     fused, _before, _after = fuse_and_check(
-        Noise(), torch.randn(2, 3, 8, 8), convs=1, batch_norms=0
+        Noise(), torch.randn(2, 3, 8, 8), convs=1, batch_norms=0, leaf_modules=(Skip,)
     )
     counts = fused.fxfuse_report.counts
     assert counts["drop-eval-dropout"] == 3 and counts["drop-identity"] == 1
     assert counts["fold-bn"] == 1
     assert not any(isinstance(m, (nn.Dropout, nn.Identity)) for m in fused.modules())
+
+
+def test_a_plain_identity_module_is_no_node_of_the_captured_graph() -> None:
+    from fxfuse.capture import symbolic_capture
+
+    graph = symbolic_capture(Noise(nn.Identity()).eval())
+    targets = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    assert "skip" not in targets and {"conv", "bn"} <= targets
+    fused, _before, _after = fuse_and_check(
+        Noise(nn.Identity()), torch.randn(2, 3, 8, 8), convs=1, batch_norms=0
+    )
+    assert fused.fxfuse_report.counts["drop-identity"] == 0
+
+
+def test_an_identity_with_a_hook_stays_a_module_call() -> None:
+    calls: list[tuple[int, ...]] = []
+    model = Noise(nn.Identity()).eval()
+    model.skip.register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape)))
+    fused = fxfuse.optimize(model)
+    fused(torch.randn(1, 3, 8, 8))
+    assert calls == [(1, 4, 6, 6)]
 
 
 def test_training_mode_dropout_is_kept_and_reported() -> None:
