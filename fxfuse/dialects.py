@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Hashable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from fxfuse.effects import Effects
     from fxfuse.weights import Weight
 
+_T = TypeVar("_T")
 __all__ = [
     "AVG_POOL_FUNCTIONS",
     "BATCH_NORM_FUNCTIONS",
@@ -203,6 +204,11 @@ class Resolver(Protocol):
         ...
 
     def module(self, target: str) -> nn.Module: ...
+
+    def derived(self, key: Hashable, build: Callable[[], _T]) -> _T:
+        """``build()``, computed once per ``key`` for the whole rewrite: for what follows from
+        constants alone (weights, modules), never from the graph around a node."""
+        ...
 
     def shape(self, node: Node) -> torch.Size | None: ...
 

@@ -295,30 +295,36 @@ def _fused(node: Node, ctx: Resolver) -> Layer | None:
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-@register_layer
-def _module_layer(node: Node, ctx: Resolver) -> Layer | Refusal | None:
-    if node.op != "call_module":
-        return None
-    module = ctx.module(str(node.target))
-    if not isinstance(module, (nn.Linear, _ConvNd)):
-        return None
-    path = str(node.target)
+@dataclass(frozen=True)
+class _ModuleLayer:
+    """What a layer module's view takes from the module alone (computed once per module):
+    a refusal to give before looking at the call (``early``) or after (``late``), or the
+    layer's weights and geometry."""
+
+    early: str | None = None
+    late: str | None = None
+    weight: Weight | None = None
+    bias: Weight | None = None
+    kind: str = ""
+    common: dict[str, Any] = field(default_factory=dict)
+    geometry: Geometry | None = None  # (a transposed conv's; a conv's depends on its input)
+    padding: tuple[tuple[int, int], ...] = ()
+
+
+def _module_layer_of(path: str, module: nn.Module, ctx: Resolver) -> _ModuleLayer:
     kind_name = type(module).__name__
     if has_hooks(module):
-        return Refusal(node, f"{path} ({kind_name}) runs forward hooks: left alone")
+        return _ModuleLayer(early=f"{path} ({kind_name}) runs forward hooks: left alone")
     methods = ("_conv_forward",) if isinstance(module, _CONV_MODULES) else ()
     if not inherits_forward(module, *methods):
-        return Refusal(node, f"{path} ({kind_name}) redefines forward: not a plain layer")
-    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], Node):
-        return Refusal(node, f"{path} is called with extra arguments")
+        return _ModuleLayer(early=f"{path} ({kind_name}) redefines forward: not a plain layer")
     why = _float_weight(module.weight)
     if why is not None:
-        return Refusal(node, f"{path}: {why}")
-    x = node.args[0]
+        return _ModuleLayer(late=f"{path}: {why}")
     weight = ctx.module_weight(path, "weight")
     bias = None if module.bias is None else ctx.module_weight(path, "bias")
     if weight is None or (module.bias is not None and bias is None):
-        return Refusal(node, f"{path}'s parameters are changed in place during the forward")
+        return _ModuleLayer(late=f"{path}'s parameters are changed in place during the forward")
     common = dict(
         dtype=module.weight.dtype,
         device=module.weight.device,
@@ -327,19 +333,44 @@ def _module_layer(node: Node, ctx: Resolver) -> Layer | Refusal | None:
         name=path,
     )
     if isinstance(module, nn.Linear):
-        return Layer(node, x, weight, bias, None, "linear", **common)  # type: ignore[arg-type]
+        return _ModuleLayer(weight=weight, bias=bias, kind="linear", common=common)
     n = len(module.kernel_size)
     if isinstance(module, _ConvTransposeNd):
         if module.padding_mode != "zeros":
-            return Refusal(node, f"{path}: transposed conv with {module.padding_mode} padding")
+            return _ModuleLayer(late=f"{path}: transposed conv with {module.padding_mode} padding")
         geo = _transposed_geometry(
             module.stride, module.padding, module.output_padding, module.dilation, module.groups, n
         )
         if isinstance(geo, str):
-            return Refusal(node, f"{path}: {geo}")
-        return Layer(node, x, weight, bias, geo, "conv_transpose", **common)  # type: ignore[arg-type]
+            return _ModuleLayer(late=f"{path}: {geo}")
+        return _ModuleLayer(
+            weight=weight, bias=bias, kind="conv_transpose", common=common, geometry=geo
+        )
     pairs = conv_padding(module.padding, module.kernel_size, module.dilation)
-    source, padding, barrier = _peeled(node, x, pairs, module.padding_mode, ctx)
+    return _ModuleLayer(weight=weight, bias=bias, kind="conv", common=common, padding=pairs)
+
+
+@register_layer
+def _module_layer(node: Node, ctx: Resolver) -> Layer | Refusal | None:
+    if node.op != "call_module":
+        return None
+    path = str(node.target)
+    module = ctx.module(path)
+    if not isinstance(module, (nn.Linear, _ConvNd)):
+        return None
+    found = ctx.derived(("module-layer", path), lambda: _module_layer_of(path, module, ctx))
+    if found.early is not None:
+        return Refusal(node, found.early)
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], Node):
+        return Refusal(node, f"{path} is called with extra arguments")
+    if found.late is not None:
+        return Refusal(node, found.late)
+    x, weight, bias, common = node.args[0], found.weight, found.bias, found.common
+    assert weight is not None
+    if found.kind != "conv":
+        return Layer(node, x, weight, bias, found.geometry, found.kind, **common)
+    assert isinstance(module, _ConvNd)
+    source, padding, barrier = _peeled(node, x, found.padding, module.padding_mode, ctx)
     geo = Geometry(
         tuple(module.stride),
         padding.pairs,
@@ -348,7 +379,7 @@ def _module_layer(node: Node, ctx: Resolver) -> Layer | Refusal | None:
         padding.mode,
         pad_value=padding.value,
     )
-    return Layer(node, source, weight, bias, geo, "conv", barrier=barrier, **common)  # type: ignore[arg-type]
+    return Layer(node, source, weight, bias, geo, "conv", barrier=barrier, **common)
 
 
 def _transposed_geometry(
@@ -532,7 +563,7 @@ def as_affine(node: Node, ctx: Resolver) -> Affine | Refusal | None:
             return Refusal(value, f"{value.name}'s {name} is computed at run time or changes")
     nodes = [a for a in args.values() if isinstance(a, Node) and a is not args["input"]]
     sources = tuple(dict.fromkeys(module_path_of(n) for n in [node, *nodes]))
-    return _affine_of_batch_norm(value, args["input"], weights, eps, training, None, sources)
+    return _affine_of_batch_norm(value, args["input"], weights, eps, training, None, sources, ctx)
 
 
 def _module_batch_norm(node: Node, ctx: Resolver) -> Affine | Refusal | None:
@@ -552,7 +583,7 @@ def _module_batch_norm(node: Node, ctx: Resolver) -> Affine | Refusal | None:
     }
     ranks = next((r for cls, r in _BN_RANKS.items() if isinstance(module, cls)), None)
     return _affine_of_batch_norm(
-        node, node.args[0], weights, float(module.eps), module.training, ranks, (path,)
+        node, node.args[0], weights, float(module.eps), module.training, ranks, (path,), ctx
     )
 
 
@@ -564,6 +595,7 @@ def _affine_of_batch_norm(
     training: bool,
     ranks: frozenset[int] | None,
     sources: tuple[str, ...],
+    ctx: Resolver,
 ) -> Affine:
     mean, var = weights["running_mean"], weights["running_var"]
     channels = next(
@@ -573,8 +605,13 @@ def _affine_of_batch_norm(
         return Affine(node, x, None, None, channels, True, ranks, sources)
     # (a training-mode one uses batch statistics; its running ones are read all the same, so
     # that a faulty rule folding it anyway makes a model the validator can tell apart)
-    scale = apply(kernels.bn_scale, var, weights["weight"], eps)
-    shift = apply(kernels.bn_shift, mean, scale, weights["bias"])
+    weight, bias = weights["weight"], weights["bias"]
+
+    def maps() -> tuple[Weight, Weight]:
+        scale = apply(kernels.bn_scale, var, weight, eps)
+        return scale, apply(kernels.bn_shift, mean, scale, bias)
+
+    scale, shift = ctx.derived(("batch-norm", mean, var, weight, bias, eps), maps)
     return Affine(node, x, scale, shift, channels, training, ranks, sources)
 
 

@@ -26,7 +26,7 @@ import logging
 import operator
 from abc import ABC, abstractmethod
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -150,6 +150,7 @@ class Match:
 
 
 MatchT = TypeVar("MatchT", bound=Match)
+_T = TypeVar("_T")
 
 
 class Rule(ABC, Generic[MatchT]):
@@ -292,6 +293,7 @@ class RewriteContext:
         self._weights: dict[Node, Weight | None] = {}
         self._candidates: dict[Node, bool] = {}
         self._module_weights: dict[str, Weight | None] = {}
+        self._derived: dict[Hashable, Any] = {}
         self.effects = Effects(graph, self.module, self._held)
         self.rank = Ranks(graph, self.module, self._held)
         for node in graph.nodes:  # (in order: each node's inputs are decided before it)
@@ -416,6 +418,15 @@ class RewriteContext:
             written = self.effects.written_tensor(tensor)
             self._module_weights[key] = None if written else leaf(tensor, path=key)
         return self._module_weights[key]
+
+    def derived(self, key: Hashable, build: Callable[[], _T]) -> _T:
+        """``build()``, computed once per ``key`` for this context: what views derive from
+        constants alone (a batch norm's scale and shift from its weights), so that asking
+        for a view again builds no new expressions. Keys hold the weights they name, so an
+        ``id`` is never reused while the context lives."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]  # type: ignore[no-any-return]
 
     def number(self, arg: Any) -> float | None:
         """A Python number, or ``t.item()`` of a constant tensor (dynamo lifts a module's float
@@ -851,6 +862,7 @@ class _Driver:
         """Erase ``node`` (a replaced root: a rule vouched for replacing it, even if torch
         calls it impure, like an eval-mode ``aten.dropout``) and what only it used."""
         stack = [node]
+        touched: dict[Node, None] = {}  # (ordered; each chain walked once, as left at the end)
         while stack:
             n = stack.pop()
             if getattr(n, "_erased", False):
@@ -868,10 +880,11 @@ class _Driver:
                 self.ctx._declines.pop((rule_name, n), None)
             for i in inputs:
                 if i.users and not all(self._dead_write(u, i, set()) for u in i.users):
-                    for user in i.users:  # its user count changed: patterns may match now
-                        self._push_upwards(user)
-                else:
+                    touched.update(dict.fromkeys(i.users))  # its user count changed:
+                else:  # patterns may match now
                     stack.append(i)
+        for user in touched:
+            self._push_upwards(user)
 
     # -- worklist ----------------------------------------------------------------------------
 

@@ -277,20 +277,33 @@ def emit_weight(
 
 
 def _map_weights(value: Any, fn: Callable[[Weight], Any]) -> Any:
+    """``value`` with ``fn(w)`` for each weight ``w`` in it (nested tuples, lists, dicts)."""
     if isinstance(value, Weight):
         return fn(value)
     if isinstance(value, tuple):
-        return tuple(_map_weights(v, fn) for v in value)
+        return tuple([_map_weights(v, fn) if isinstance(v, _NESTED) else v for v in value])
     if isinstance(value, list):
-        return [_map_weights(v, fn) for v in value]
+        return [_map_weights(v, fn) if isinstance(v, _NESTED) else v for v in value]
     if isinstance(value, dict):
-        return {k: _map_weights(v, fn) for k, v in value.items()}
+        return {k: _map_weights(v, fn) if isinstance(v, _NESTED) else v for k, v in value.items()}
     return value
 
 
+_NESTED = (Weight, tuple, list, dict)  # (the values _map_weights looks into)
+
+
 def _weights_in(value: Any) -> list[Weight]:
+    """The weights in ``value`` (nested tuples, lists and dicts), in order."""
     found: list[Weight] = []
-    _map_weights(value, lambda w: found.append(w))
+    stack = [value]
+    while stack:  # (every new expression asks: without a call per argument)
+        v = stack.pop()
+        if isinstance(v, Weight):
+            found.append(v)
+        elif isinstance(v, (tuple, list)):
+            stack.extend(reversed(v))
+        elif isinstance(v, dict):
+            stack.extend(reversed(list(v.values())))
     return found
 
 
