@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, Node
 
+from fxfuse.effects import _METADATA_ATTRIBUTES
 from fxfuse.layout import (
     _BROADCASTING,
     _SAME_RANK_FUNCTIONS,
@@ -36,7 +37,7 @@ from fxfuse.layout import (
     _SAME_RANK_MODULES,
 )
 
-__all__ = ["drop_proven_rank_asserts"]
+__all__ = ["drop_proven_rank_asserts", "drop_unused_metadata_reads"]
 
 # modules that reject every rank but one (torch's own forward checks it)
 _ONE_RANK_MODULES = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
@@ -69,14 +70,20 @@ _READING_METHODS = frozenset(
 )
 
 
-def drop_proven_rank_asserts(graph: Graph, module: Callable[[str], Any]) -> int:
+def drop_proven_rank_asserts(
+    graph: Graph, module: Callable[[str], Any], *, modules_fix_ranks: bool = True
+) -> int:
     """Erase each ``torch._assert(x.ndim == k)`` of ``graph`` whose ``x`` is proven to have
     rank ``k`` wherever the check runs; returns how many. The nodes that computed the
     condition are left for dead-code removal.
 
     ``module`` resolves ``call_module`` targets (those fxfuse built included). A value read by
     an op not known to leave its inputs' ranks alone (user code, an in-place method such as
-    ``unsqueeze_``) loses what was proven about it."""
+    ``unsqueeze_``) loses what was proven about it.
+
+    Without ``modules_fix_ranks`` a ``BatchNorm2d`` proves nothing: before the rules run, it
+    may be folded into a conv that accepts other ranks, and a check dropped because of it
+    would then let an input the original rejects run."""
     ranks: dict[Node, int] = {}
     dropped = 0
     for node in list(graph.nodes):
@@ -86,16 +93,55 @@ def drop_proven_rank_asserts(graph: Graph, module: Callable[[str], Any]) -> int:
             if ranks.get(value) == rank:
                 graph.erase_node(node)
                 dropped += 1
+                _erase_unused(node.args[0])
             else:
                 ranks[value] = rank  # (past this point the check has passed)
             continue
-        found = _rank(node, ranks, module)
+        found = _rank(node, ranks, module, modules_fix_ranks)
         if found is not None:
             ranks[node] = found
         if ranks and not _keeps_input_ranks(node, module):
             for value in node.all_input_nodes:  # (it may change a rank in place)
                 ranks.pop(value, None)
     return dropped
+
+
+def drop_unused_metadata_reads(graph: Graph) -> int:
+    """Erase reads of a value's metadata nobody uses (``x.ndim`` formatted into an assert's
+    message while tracing: the message holds a string, the read is left without users), and
+    what only they read; returns how many nodes went."""
+    erased = 0
+    for node in list(graph.nodes):
+        if not node.users and _metadata_read(node):
+            erased += _erase_unused(node)
+    return erased
+
+
+def _metadata_read(node: Any) -> bool:
+    """``getattr(x, "ndim")`` and the like, or a comparison of such reads with numbers: pure
+    reads of metadata (what a rank check computes)."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _METADATA_ATTRIBUTES
+    return node.target in (operator.eq, operator.ne) and all(
+        _metadata_read(a) or isinstance(a, (int, bool)) for a in node.args
+    )
+
+
+def _erase_unused(node: Any) -> int:
+    """Erase ``node`` if it is a metadata read nobody uses, then its inputs likewise."""
+    erased = 0
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if not _metadata_read(n) or n.users:
+            continue
+        inputs = n.all_input_nodes
+        n.graph.erase_node(n)
+        erased += 1
+        stack.extend(inputs)
+    return erased
 
 
 def _keeps_input_ranks(node: Node, module: Callable[[str], Any]) -> bool:
@@ -153,7 +199,9 @@ def _rank_read(node: Node) -> Node | None:
     return source if isinstance(source, Node) and not node.kwargs else None
 
 
-def _rank(node: Node, ranks: dict[Node, int], module: Callable[[str], Any]) -> int | None:
+def _rank(
+    node: Node, ranks: dict[Node, int], module: Callable[[str], Any], modules_fix: bool = True
+) -> int | None:
     """The rank ``node``'s value has whenever it is computed, from ``ranks`` already proven,
     or ``None``. Only ops that keep their first argument's rank (or fix one) count."""
     if node.op == "call_module":
@@ -162,7 +210,7 @@ def _rank(node: Node, ranks: dict[Node, int], module: Callable[[str], Any]) -> i
             return None
         for cls, rank in _ONE_RANK_MODULES.items():
             if isinstance(m, cls):
-                return rank
+                return rank if modules_fix else _first(node, ranks)
         return _first(node, ranks) if isinstance(m, _SAME_RANK_MODULES) else None
     if node.op == "call_method":
         name = str(node.target)
