@@ -169,3 +169,54 @@ class AroundUserCode(nn.Module):
 def test_a_value_passed_to_a_user_module_loses_its_rank() -> None:
     fused = fxfuse.optimize(AroundUserCode().eval(), leaf_modules=[Nameless])
     assert _asserts(fused) == 2
+
+
+class CheckAfterBatchNorm(nn.Module):
+    """A check after a ``BatchNorm2d`` module: before the rules run, the batch norm proves no
+    rank (it folds into the conv, which accepts 3-d input), so the check must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        torch._assert(y.ndim == 4, f"expected 4D input (got {y.ndim}D)")
+        return y.relu()
+
+
+def test_a_check_after_a_folded_batch_norm_still_rejects_unbatched_input() -> None:
+    model = CheckAfterBatchNorm().eval()
+    fused, _, _ = fuse_and_check(model, torch.randn(2, 3, 7, 8), convs=1, batch_norms=0)
+    assert _asserts(fused) == 1
+    with pytest.raises(ValueError):
+        model(torch.randn(3, 7, 8))  # the batch norm rejects it
+    with pytest.raises(AssertionError, match="expected 4D"):
+        fused(torch.randn(3, 7, 8))  # the check left in place does
+
+
+def test_checks_are_gone_before_the_rules_run() -> None:
+    from fxfuse.capture import symbolic_capture
+    from fxfuse.rules import RewriteContext
+
+    seen: list[int] = []
+    real = RewriteContext.__init__
+
+    def spy(self: RewriteContext, graph: torch.fx.Graph, *args: object, **kwargs: object) -> None:
+        seen.append(sum(n.target is torch._assert for n in graph.nodes))
+        seen.append(sum(n.target is getattr for n in graph.nodes))
+        real(self, graph, *args, **kwargs)  # type: ignore[arg-type]
+
+    model = nn.Sequential(Block(4), Block(4)).eval()
+    captured = symbolic_capture(model)
+    assert sum(n.target is torch._assert for n in captured.nodes) == 4
+    RewriteContext.__init__ = spy  # type: ignore[method-assign]
+    try:
+        fused = fxfuse.optimize(model)
+    finally:
+        RewriteContext.__init__ = real  # type: ignore[method-assign]
+    # the rules see the first block's two checks (each reads a conv of the input, which may
+    # be unbatched) and their ndim reads, not the messages' reads; once the two convs are
+    # one, emission drops the second
+    assert seen == [2, 2]
+    assert _asserts(fused) == 1
