@@ -265,6 +265,40 @@ def test_concatenations_merge_exactly(
         assert "FusionOptions.max_flops_ratio" in reason
 
 
+class NormedConcatBeside(nn.Module):
+    """A batch norm after a concatenation (it folds only once merge-concat has made the
+    halves one layer), summed with two convs of ``groups`` groups, then a batch norm."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.halves = nn.ModuleList(nn.Conv2d(channels, c, 1) for c in (half, channels - half))
+        self.bn = nn.BatchNorm2d(channels)
+        self.wide = nn.Conv2d(channels, channels, 5, padding=2, groups=groups)
+        self.narrow = nn.Conv2d(channels, channels, 3, padding=1, groups=groups)
+        self.post = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        concatenated = self.bn(torch.cat([conv(x) for conv in self.halves], dim=1))
+        return self.post(self.wide(x) + concatenated + self.narrow(x))
+
+
+@pytest.mark.parametrize("groups", [2, 4], ids=["merges", "merge-costs-too-much"])
+def test_a_batch_norm_after_a_concatenation_fuses_to_a_fixpoint_in_one_run(groups: int) -> None:
+    """One run reaches what a second run would: the concatenation's batch norm folds before
+    the sum's merge is decided, and the merge is decided once for all the branches."""
+    x = torch.randn(2, 8, 9, 8, dtype=torch.float64)
+    fused, _, after = fuse_and_check(NormedConcatBeside(8, groups).double(), x)
+    again = fxfuse.optimize(fused)
+    assert not again.fxfuse_report.rewrites, again.fxfuse_report
+    assert count_ops(again, x) == after
+    if groups == 2:  # a dense 5×5 costs 1.39× the branches (limit 1.5×)
+        assert after["conv"] == 1
+    else:  # 2.6×: the three stay, and the report says why
+        assert after["conv"] == 3
+        assert any("max_flops_ratio" in r for r in declined(fused, "merge-branches"))
+
+
 class ValuePadded(nn.Module):
     """Two convs, each on its own pad whose border is written with a per-channel buffer of its
     own (``out[:, :, 0:1, :] = vᵢ``…), concatenated or summed."""
