@@ -98,7 +98,8 @@ class MergeConcat(Rule[Concatenation]):
                 windows = [layer.geometry.windows(layer.kernel_size)[dim] for layer in layers]  # type: ignore[union-attr]
                 if len({w.size_offset for w in windows}) > 1:
                     return f"misaligned windows along spatial dim {dim}: output sizes differ"
-            reading = [layer.geometry for layer in layers if layer.geometry.reads_padding]  # type: ignore[union-attr]
+            geometries = [layer.geometry for layer in layers if layer is not None]
+            reading = [geo for geo in geometries if geo is not None and geo.reads_padding]
             if len({geo.padding_mode for geo in reading}) > 1 or not one_pad_value(
                 [geo.pad_value for geo in reading], first.in_channels
             ):
