@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -490,6 +490,39 @@ class Effects:
             if member < reader and any(u is not reader and reader < u for u in member.users):
                 return False  # read again after the write, where it must see the update
         return True
+
+    def unread_writes(self, node: Node, dying: Collection[Node] = ()) -> list[Node] | None:
+        """The writes into ``node``'s memory, and the views they write through, when nothing
+        but ``dying`` reads that memory: once ``node`` and ``dying`` are gone they are dead
+        (a border written after a pad, ``out[:, :, 0:p] = v``, as ``setitem`` or as export's
+        ``copy_(aten.slice(out, …), v)``, whose reader a rule folded away). In graph order.
+
+        ``None`` where that memory is not ``node``'s own (it views an input, an attribute or
+        another value), a view of it or a write's result is read by anything else, or a
+        member of its storage class is neither a pure view nor a known write. Metadata reads
+        of ``node`` itself (which a replacement can answer) do not count as reads."""
+        self._visit(node)
+        root = self._find(node)
+        members = self._members.get(root, [root])
+        live = [m for m in members if not (isinstance(m, Node) and getattr(m, "_erased", False))]
+        if not all(isinstance(m, Node) for m in live):
+            return None  # a graph input's or an attribute's memory: the caller's
+        inside = set(live) | set(dying)
+        found: list[Node] = []
+        for member in live:
+            readers = [u for u in member.users if u not in inside]
+            if member is node:
+                if any(not reads_metadata_only(u, node) for u in readers):
+                    return None
+                continue
+            if readers or member.op not in ("call_function", "call_method"):
+                return None
+            if self.random(member) or self.opaque(member) or not self.aliases(member):
+                return None  # (not aliasing: another maker of this memory, which stays)
+            if any(self._find(t) != root for t in self.writes(member)):
+                return None
+            found.append(member)
+        return sorted(found)
 
     def added(self, nodes: Iterable[Node]) -> None:
         """Take nodes a rewrite inserted into account (their writes and aliases)."""

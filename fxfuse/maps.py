@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,6 +63,7 @@ __all__ = [
     "as_layer",
     "channels_of",
     "fused_layer",
+    "one_pad_value",
     "per_channel",
     "register_layer",
 ]
@@ -1036,6 +1037,27 @@ def same_values(a: Weight, b: Weight, channels: int, rtol: float = 1e-5) -> bool
     vb = kernels.channel_vector(evaluate(b), channels)
     scale = max(float(vb.abs().max()), 1e-30)
     return bool((va - vb).abs().max() <= rtol * scale)
+
+
+def one_pad_value(values: Sequence[Weight | None], channels: int) -> bool:
+    """Whether value paddings hold one value per channel, exactly, so that layers reading
+    them may share one padding. Constants are compared by value (two objects holding
+    ``0.5`` are one value), bit for bit in float64: ``-0.0`` is not ``0.0`` (a product with
+    it keeps its sign) and NaN is never equal, so a merge is never wrong, at worst missed. A
+    value that may change between calls (``live``) is only itself."""
+    first = values[0] if values else None
+    if all(v is first for v in values):
+        return True
+    if first is None or any(v is None or v.live for v in values):
+        return False
+    vectors = [kernels.channel_vector(evaluate(v), channels) for v in values]  # type: ignore[arg-type]
+    reference = vectors[0]
+    if bool(reference.isnan().any()):
+        return False
+    return all(
+        torch.equal(v, reference) and torch.equal(v.signbit(), reference.signbit())
+        for v in vectors[1:]
+    )
 
 
 def channels_of(node: Node, ctx: Resolver) -> int | None:

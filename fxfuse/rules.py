@@ -23,7 +23,6 @@ that kept firing.
 from __future__ import annotations
 
 import logging
-import operator
 from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -799,23 +798,15 @@ class _Driver:
             node = stack.pop()
             if node in dying or node in kept or not self._removable(node):
                 continue
-            users = value_users(node)
-            if all(user in dying or self._dead_write(user, node, dying) for user in users):
-                dying.add(node)
-                dying.update(u for u in users if u not in dying)
-                stack.extend(node.all_input_nodes)
+            if not all(user in dying for user in value_users(node)):
+                # (the border writes of a value padding whose reader is folded away)
+                writes = self.ctx.effects.unread_writes(node, dying)
+                if writes is None:
+                    continue
+                dying.update(writes)
+            dying.add(node)
+            stack.extend(node.all_input_nodes)
         return dying
-
-    def _dead_write(self, user: Node, of: Node, dying: set[Node]) -> bool:
-        """A write into ``of`` nobody reads once ``dying`` is gone (the border writes of a
-        value padding whose reader is folded away)."""
-        return (
-            not user.users
-            and user.op == "call_function"
-            and user.target is operator.setitem
-            and user.args[0] is of
-            and all(u in dying or u.target is operator.setitem for u in of.users)
-        )
 
     def _removable(self, node: Node) -> bool:
         """Whether the driver erases ``node`` once nothing uses it."""
@@ -867,8 +858,8 @@ class _Driver:
             n = stack.pop()
             if getattr(n, "_erased", False):
                 continue
-            if n.users and all(self._dead_write(u, n, set()) for u in n.users):
-                for write in list(n.users):
+            if n.users and (writes := self.ctx.effects.unread_writes(n)):
+                for write in reversed(writes):  # (a write before the view it writes through)
                     self.ctx.graph.erase_node(write)
             if n.users:
                 continue
@@ -879,7 +870,7 @@ class _Driver:
             for rule_name in self.ctx._declining_rules:  # a few names, not every decline
                 self.ctx._declines.pop((rule_name, n), None)
             for i in inputs:
-                if i.users and not all(self._dead_write(u, i, set()) for u in i.users):
+                if i.users and not self.ctx.effects.unread_writes(i):
                     touched.update(dict.fromkeys(i.users))  # its user count changed:
                 else:  # patterns may match now
                     stack.append(i)

@@ -25,7 +25,7 @@ from fxfuse.dialects import aten, bind
 from fxfuse.effects import value_users
 from fxfuse.geometry import Geometry
 from fxfuse.kernels import align_windows
-from fxfuse.maps import Layer
+from fxfuse.maps import Layer, one_pad_value
 from fxfuse.rules import Match, RewriteContext, Rule
 from fxfuse.weights import apply, const
 
@@ -98,12 +98,11 @@ class MergeConcat(Rule[Concatenation]):
                 windows = [layer.geometry.windows(layer.kernel_size)[dim] for layer in layers]  # type: ignore[union-attr]
                 if len({w.size_offset for w in windows}) > 1:
                     return f"misaligned windows along spatial dim {dim}: output sizes differ"
-            reading = {
-                (layer.geometry.padding_mode, id(layer.geometry.pad_value))  # type: ignore[union-attr]
-                for layer in layers
-                if layer.geometry.reads_padding  # type: ignore[union-attr]
-            }
-            if len(reading) > 1:
+            geometries = [layer.geometry for layer in layers if layer is not None]
+            reading = [geo for geo in geometries if geo is not None and geo.reads_padding]
+            if len({geo.padding_mode for geo in reading}) > 1 or not one_pad_value(
+                [geo.pad_value for geo in reading], first.in_channels
+            ):
                 return "branches read padding that holds different values"
         ratio = _cost(layers) / sum(layer.macs for layer in layers)  # type: ignore[union-attr]
         if ratio > ctx.options.max_flops_ratio:

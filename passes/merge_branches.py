@@ -36,7 +36,7 @@ from fxfuse import kernels
 from fxfuse.effects import value_users
 from fxfuse.geometry import Geometry
 from fxfuse.kernels import MergedWindow, Window, align_windows
-from fxfuse.maps import Chain, Combination, Layer, as_chain, per_channel
+from fxfuse.maps import Chain, Combination, Layer, as_chain, one_pad_value, per_channel
 from fxfuse.rules import Match, RewriteContext, Rule
 from fxfuse.weights import Const, Weight, apply, const, is_one, mul
 
@@ -513,8 +513,7 @@ def _check_windows(group: BranchGroup, first: Layer) -> str | None:
     modes = _padding(group)
     if len(modes) > 1:
         return f"branches read padding with different padding modes ({', '.join(sorted(modes))})"
-    values = modes.get("value", [])
-    if len({id(v) for v in values}) > 1:
+    if not one_pad_value(modes.get("value", []), first.in_channels):
         return "branches pad with different values"
     return None
 

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import fxfuse
+from fxfuse.maps import one_pad_value
 from fxfuse.testing import count_ops, randomize_batch_norms, relative_error
+from fxfuse.weights import Const, Leaf
 from fxfuse.zoo import BNAndPad, LinearNorm, NormLinearHead, TokenMixer
 from tests.helpers import declined, fuse_and_check
 
@@ -261,6 +263,94 @@ def test_concatenations_merge_exactly(
     if count_ops(fused, x)["conv"] != 1:  # only where stacking costs more than allowed
         (reason,) = declined(fused, "merge-concat")
         assert "FusionOptions.max_flops_ratio" in reason
+
+
+class NormedConcatBeside(nn.Module):
+    """A batch norm after a concatenation (it folds only once merge-concat has made the
+    halves one layer), summed with two convs of ``groups`` groups, then a batch norm."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.halves = nn.ModuleList(nn.Conv2d(channels, c, 1) for c in (half, channels - half))
+        self.bn = nn.BatchNorm2d(channels)
+        self.wide = nn.Conv2d(channels, channels, 5, padding=2, groups=groups)
+        self.narrow = nn.Conv2d(channels, channels, 3, padding=1, groups=groups)
+        self.post = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        concatenated = self.bn(torch.cat([conv(x) for conv in self.halves], dim=1))
+        return self.post(self.wide(x) + concatenated + self.narrow(x))
+
+
+@pytest.mark.parametrize("groups", [2, 4], ids=["merges", "merge-costs-too-much"])
+def test_a_batch_norm_after_a_concatenation_fuses_to_a_fixpoint_in_one_run(groups: int) -> None:
+    """One run reaches what a second run would: the concatenation's batch norm folds before
+    the sum's merge is decided, and the merge is decided once for all the branches."""
+    x = torch.randn(2, 8, 9, 8, dtype=torch.float64)
+    fused, _, after = fuse_and_check(NormedConcatBeside(8, groups).double(), x)
+    again = fxfuse.optimize(fused)
+    assert not again.fxfuse_report.rewrites, again.fxfuse_report
+    assert count_ops(again, x) == after
+    if groups == 2:  # a dense 5×5 costs 1.39× the branches (limit 1.5×)
+        assert after["conv"] == 1
+    else:  # 2.6×: the three stay, and the report says why
+        assert after["conv"] == 3
+        assert any("max_flops_ratio" in r for r in declined(fused, "merge-branches"))
+
+
+class ValuePadded(nn.Module):
+    """Two convs, each on its own pad whose border is written with a per-channel buffer of its
+    own (``out[:, :, 0:1, :] = vᵢ``…), concatenated or summed."""
+
+    def __init__(self, values: tuple[float, float], concat: bool) -> None:
+        super().__init__()
+        self.concat = concat
+        self.convs = nn.ModuleList(nn.Conv2d(3, 4, k) for k in (3, 3))
+        channel = torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1)
+        self.register_buffer("v0", channel * values[0])
+        self.register_buffer("v1", channel * values[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = []
+        for conv, v in zip(self.convs, (self.v0, self.v1), strict=True):
+            out = F.pad(x, [1, 1, 1, 1])
+            out[:, :, 0:1, :] = v
+            out[:, :, -1:, :] = v
+            out[:, :, :, 0:1] = v
+            out[:, :, :, -1:] = v
+            outs.append(conv(out))
+        return torch.cat(outs, dim=1) if self.concat else outs[0] + outs[1]
+
+
+@pytest.mark.parametrize("concat", [True, False], ids=["merge-concat", "merge-branches"])
+@pytest.mark.parametrize("values", [(0.5, 0.5), (0.5, 0.25)], ids=["equal", "different"])
+def test_paddings_that_hold_equal_values_merge_and_different_ones_do_not(
+    values: tuple[float, float], concat: bool
+) -> None:
+    """Each pad's value is a buffer of its own: equal values are compared by value."""
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    fused, _, after = fuse_and_check(ValuePadded(values, concat).double(), x)
+    rule = "merge-concat" if concat else "merge-branches"
+    if values[0] == values[1]:
+        assert after["conv"] == 1 and rule in {r.rule for r in fused.fxfuse_report.rewrites}
+    else:
+        assert after["conv"] == 2
+        assert any("different values" in r for r in declined(fused, rule)), declined(fused, rule)
+
+
+def test_pad_values_are_one_only_when_equal_bit_for_bit() -> None:
+    def value(*v: float) -> Const:
+        return Const(torch.tensor(v, dtype=torch.float64))
+
+    assert one_pad_value([value(0.5), value(0.5)], 1)  # two objects, one value
+    assert one_pad_value([value(0.5), Const(torch.full((1, 2, 1, 1), 0.5))], 2)  # broadcast
+    assert not one_pad_value([value(0.5, 0.25), value(0.5, 0.5)], 2)
+    assert not one_pad_value([value(0.0), value(-0.0)], 1)  # (signs differ in products)
+    assert not one_pad_value([value(float("nan")), value(float("nan"))], 1)
+    live = Leaf(torch.tensor([0.5], dtype=torch.float64), live=True)
+    assert not one_pad_value([live, value(0.5)], 1)  # it may change between calls
+    assert one_pad_value([live, live], 1)
 
 
 # -- Linear layers: branches summed or averaged, a batch norm before, a reshaped batch norm after

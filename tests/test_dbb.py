@@ -69,6 +69,74 @@ def test_dbb_block_exported_and_decomposed_is_one_conv(
     assert count_ops(fused.module(), x)["conv"] == 1
 
 
+@pytest.mark.parametrize(("cin", "cout", "stride", "groups"), DBB, ids=DBB_IDS)
+def test_dbb_block_exported_in_training_ir_is_one_conv(
+    cin: int, cout: int, stride: int, groups: int
+) -> None:
+    """An ExportedProgram as ``torch.export.export`` gives it (not functionalized): border
+    writes are ``copy_(aten.slice(out, …), v)``, which die with the pad they write into."""
+    model = randomize_batch_norms(DiverseBranchBlock(cin, cout, stride=stride, groups=groups))
+    model = model.eval().double()
+    for size in (9, 10):  # odd and even: stride-2 alignment
+        x = torch.randn(2, cin, size, size, dtype=torch.float64)
+        program = torch.export.export(model, (x,))
+        assert any(n.target is torch.ops.aten.copy_.default for n in program.graph.nodes)
+        fused = fxfuse.optimize(program)
+        with torch.no_grad():
+            assert relative_error(model(x), fused.module()(x)) <= 1e-9
+        ops = count_ops(fused.module(), x)
+        assert ops["conv"] == 1 and ops["batch_norm"] == 0 and ops["avg_pool2d"] == 0, ops
+
+
+class WrittenBorder(nn.Module):
+    """:class:`PaddedBN` written out, with near misses: the border holds the batch norm's
+    image of zero plus ``offset``, or a strip of the written tensor is also returned."""
+
+    def __init__(self, channels: int, offset: float = 0.0, read_strip: bool = False):
+        super().__init__()
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.conv = nn.Conv2d(channels, channels, 3)
+        self.offset, self.read_strip = offset, read_strip
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        bn = self.bn
+        assert bn.running_mean is not None and bn.running_var is not None
+        zero = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        values = (zero + self.offset).view(1, -1, 1, 1)
+        out = nn.functional.pad(bn(self.pointwise(x)), [1, 1, 1, 1])
+        out[:, :, 0:1, :] = values
+        out[:, :, -1:, :] = values
+        out[:, :, :, 0:1] = values
+        out[:, :, :, -1:] = values
+        y = self.conv(out)
+        return (y, out[:, :, 0:1, :] * 2) if self.read_strip else y
+
+
+@pytest.mark.parametrize(
+    ("offset", "read_strip", "convs"),
+    [(0.0, False, 1), (0.5, False, 2), (0.0, True, 2)],
+    ids=["border-is-bn-of-zero", "border-is-not-bn-of-zero", "written-strip-read-after"],
+)
+def test_border_writes_fold_only_when_the_border_is_bn_of_zero_and_read_by_the_conv_alone(
+    offset: float, read_strip: bool, convs: int
+) -> None:
+    model = randomize_batch_norms(WrittenBorder(4, offset, read_strip).eval()).double()
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    captures = {
+        "symbolic": fxfuse.optimize(model),
+        "training-ir": fxfuse.optimize(torch.export.export(model, (x,))),
+    }
+    for name, fused in captures.items():
+        run = fused.module() if isinstance(fused, torch.export.ExportedProgram) else fused
+        with torch.no_grad():
+            assert relative_error(model(x), run(x)) <= 1e-9, name  # the strip's writes kept
+        assert count_ops(run, x)["conv"] == convs, (name, fused.fxfuse_report)
+        if offset:
+            reasons = [d.reason for d in fused.fxfuse_report.declines]
+            assert any("pads with values other than" in r for r in reasons), reasons
+
+
 class PaddedBN(nn.Module):
     """A 1×1 conv, a batch norm padded with its image of zero, a k×k conv: DBB's 1×1 → k×k."""
 

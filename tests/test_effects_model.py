@@ -225,3 +225,58 @@ def test_tracing_keeps_in_place_operators_in_place() -> None:
     graph = symbolic_capture(Acc())
     targets = [n.target for n in graph.nodes if n.op == "call_function"]
     assert targets == [operator.iadd, operator.setitem]
+
+
+class BorderWrites(nn.Module):
+    """Writes into the border of a pad (a graph's own value), of an input's view, and of a
+    pad whose view is also read: in every capture's form (``setitem``; export's ``copy_`` and
+    ``fill_`` through ``aten.slice``)."""
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        own = F.pad(x, [1, 1])
+        own[:, :, 0:1] = 2.0
+        own[:, :, -1:].fill_(2.0)
+        mine = y[:, :, 1:]  # a view of the caller's tensor
+        mine[:, :, 0:1] = 3.0
+        seen = F.pad(x, [2, 2])
+        strip = seen[:, :, 0:2]
+        strip.fill_(4.0)
+        return own.sum(), mine.sum(), strip.sum() + seen.sum()
+
+
+def _border_nodes(graph: Graph) -> dict[str, Node]:
+    """The pads, and the ``y`` view, by order: own, mine, seen."""
+    pads = [n for n in graph.nodes if n.target in (F.pad, torch.ops.aten.pad.default)]
+    views = [
+        n
+        for n in graph.nodes
+        if n.op == "call_function"
+        and n.target in (operator.getitem, torch.ops.aten.slice.Tensor)
+        and isinstance(n.args[0], Node)
+        and n.args[0].op == "placeholder"
+    ]
+    return {"own": pads[0], "seen": pads[1], "mine": views[0]}
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_writes_nobody_reads_are_only_those_into_the_graphs_own_unread_memory(
+    capture: str,
+) -> None:
+    x, y = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    if capture == "symbolic":
+        graph, effects, _ = _effects(BorderWrites())
+    else:
+        gm = torch.export.export(BorderWrites(), (x, y)).graph_module
+        graph = gm.graph
+        effects = Effects(graph, lambda name: getattr(gm, name), lambda node: None)
+    nodes = _border_nodes(graph)
+    own, mine, seen = nodes["own"], nodes["mine"], nodes["seen"]
+    (total,) = [u for u in own.users if effects.aliases(u) == ()]  # own.sum()
+    writes = effects.unread_writes(own, {total})
+    assert writes is not None and len(writes) >= 2
+    assert all(effects.storage(w) == effects.storage(own) for w in writes)
+    assert sum(bool(effects.writes(w)) for w in writes) == 2  # the setitem/copy_ and fill_
+    assert effects.unread_writes(own) is None  # own.sum() still reads it
+    assert effects.unread_writes(mine, set(mine.users)) is None  # the caller's memory
+    readers = {u for u in seen.users if effects.aliases(u) == ()}
+    assert effects.unread_writes(seen, readers) is None  # strip.sum() reads the view

@@ -172,10 +172,7 @@ def _conv_branch(
         tuple(padding),
         mode,
         conv_padding=symmetric and draw(st.booleans()),
-        # (a batch norm after a concatenation folds only once merge-concat has made it one
-        # layer: later than its siblings merge, and greedy pairwise merges then differ from a
-        # second run's; see the report of issue 11)
-        batch_norm=extra != "concat" and draw(st.booleans()),
+        batch_norm=draw(st.booleans()),
         bias=draw(st.booleans()),
         scale=draw(st.sampled_from([None, None, -0.5, 2.0, "channel"])),
         groups=1 if extra == "concat" else branch_groups,
