@@ -30,7 +30,7 @@ from fxfuse.effects import Effects
 from fxfuse.geometry import Geometry, pad_calls, pad_with_value
 from fxfuse.maps import FusedLayer, fused_layer
 from fxfuse.rules import weight_of
-from fxfuse.weights import Weight, emit_weight, evaluate
+from fxfuse.weights import Weight, emit_weight, evaluate, evaluate_as
 
 _LOWERED = frozenset({fused_layer, weight_of})
 
@@ -48,9 +48,8 @@ _CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 def _parameter(value: Tensor, layer: FusedLayer) -> nn.Parameter:
-    return nn.Parameter(
-        value.to(device=layer.device, dtype=layer.dtype), requires_grad=layer.requires_grad
-    )
+    """``value`` (already in the layer's dtype, on its device) as the layer's parameter."""
+    return nn.Parameter(value, requires_grad=layer.requires_grad)
 
 
 def _bare(cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
@@ -84,13 +83,16 @@ def _module_stack(stack: Any, target: str, module: nn.Module) -> Any:
 def build_module(layer: FusedLayer) -> tuple[nn.Module, tuple[tuple[int, int], ...] | None]:
     """A fresh module computing ``layer``, and the padding to apply first (or None).
 
-    The layer's weights are computed here, exactly (float64), and cast once; modules are
+    The layer's weights are computed here, exactly (float64), and cast once (a large layer a
+    block of output channels at a time, :func:`fxfuse.weights.evaluate_as`); modules are
     built on the meta device and given their parameters afterwards: no random initialisation
     is computed only to be thrown away."""
-    memo: dict[int, Tensor] = {}
-    weight = evaluate(layer.weight, memo)
-    bias = None if layer.bias is None else evaluate(layer.bias, memo)
-    del memo  # (one layer's float64 scratch at a time)
+    if layer.kind == "conv_transpose":  # (the kernel's dim 0 is its input channels)
+        (weight,) = evaluate_as([layer.weight], layer.dtype, layer.device)
+        (bias,) = evaluate_as([layer.bias], layer.dtype, layer.device)
+    else:
+        weight, bias = evaluate_as([layer.weight, layer.bias], layer.dtype, layer.device)
+    assert weight is not None
     has_bias = bias is not None
     pad: tuple[tuple[int, int], ...] | None = None
     module: nn.Module
@@ -225,9 +227,10 @@ class _Lowering:
 
     def weight(self, weight: Weight, layer: FusedLayer | None = None) -> Node:
         if not self.live:
-            value = evaluate(weight)
-            if layer is not None:
-                value = value.to(device=layer.device, dtype=layer.dtype)
+            if layer is None:
+                return self.constant(evaluate(weight))
+            (value,) = evaluate_as([weight], layer.dtype, layer.device)
+            assert value is not None
             return self.constant(value)
         node = emit_weight(weight, self.graph, self.constant, self.emitted)
         if layer is not None:

@@ -38,7 +38,7 @@ groups ``g``; a per-channel affine map is ``y = a·x + t``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,7 @@ __all__ = [
     "batch_norm_affine",
     "bn_scale",
     "bn_shift",
+    "by_rows",
     "cast",
     "channel_magnitudes",
     "channel_sqnr_db",
@@ -99,6 +100,68 @@ def shaped(shape_of: _Shape) -> Callable[[Callable[..., Tensor]], Callable[..., 
     return mark
 
 
+Rows = Callable[[Any, int, int], Any]
+"""``rows(x, start, stop)``: rows ``start:stop`` (dim 0) of an argument, computed."""
+Whole = Callable[[Any], Any]
+"""``whole(x)``: an argument, computed whole."""
+RowRule = Callable[..., "Tensor | None"]
+
+
+def by_rows(rule: RowRule) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Declare how a kernel function computes rows ``start:stop`` (dim 0: a kernel's output
+    channels) of its result from parts of its arguments:
+    ``rule(start, stop, rows, whole, *args, **kwargs)``, where ``rows(x, start, stop)`` and
+    ``whole(x)`` give an argument's rows or its whole value (a caller holding expressions
+    computes only those). Each row must equal the same row of the whole result, in the same
+    float64 operations; ``None``: these rows cannot be computed on their own (the caller
+    computes the whole result and slices it). Lets a fused layer's weights be computed a
+    block of output channels at a time (:func:`fxfuse.weights.evaluate_as`)."""
+
+    def mark(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        fn.rows_of = rule  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def _channel_rows(x: Any, channels: int, start: int, stop: int, rows: Rows, whole: Whole) -> Any:
+    """Entries ``start:stop`` of a per-channel value ``x`` (``channels`` entries, or one for
+    all, as :func:`channel_vector` reads it): a number stays whole."""
+    if x is None or not hasattr(x, "shape") or x.numel() == 1:
+        return x if x is None else whole(x)
+    if x.dim() == 1 and int(x.shape[0]) == channels:
+        return rows(x, start, stop)
+    return channel_vector(whole(x), channels)[start:stop]
+
+
+def _group_span(start: int, stop: int, out_channels: int, groups: int) -> tuple[int, int] | None:
+    """The groups ``first:last`` that output rows ``start:stop`` of a ``groups``-grouped layer
+    cover, when those rows are whole groups or lie in one group (else None): the rows are
+    then the rows of a layer with ``last − first`` groups (its input channels those groups')."""
+    per_group = out_channels // groups
+    first, last = start // per_group, -(-stop // per_group)
+    if last - first == 1 or not (start % per_group or stop % per_group):
+        return first, last
+    return None
+
+
+def _broadcast_rows(fn: Callable[..., Tensor]) -> RowRule:
+    """The row rule of an elementwise function of broadcast arguments: an argument spanning
+    the result's rows gives its rows, one broadcast along them is read whole."""
+
+    def rule(start: int, stop: int, rows: Rows, whole: Whole, *ts: Any) -> Tensor:
+        shape = torch.broadcast_shapes(*(tuple(t.shape) for t in ts))
+        parts = [
+            rows(t, start, stop)
+            if shape and t.dim() == len(shape) and int(t.shape[0]) == int(shape[0]) != 1
+            else whole(t)
+            for t in ts
+        ]
+        return fn(*parts)
+
+    return rule
+
+
 def _same(t: Any, *args: Any, **kwargs: Any) -> Sequence[int]:
     return tuple(t.shape)
 
@@ -118,12 +181,14 @@ def exact(t: Tensor) -> Tensor:
     return t.to(device=device, dtype=torch.float64)
 
 
+@by_rows(_broadcast_rows(lambda a, b: product(a, b)))
 @shaped(lambda a, b: torch.broadcast_shapes(tuple(a.shape), tuple(b.shape)))
 def product(a: Tensor, b: Tensor) -> Tensor:
     """``a · b`` in float64 (broadcasting)."""
     return exact(a) * exact(b).to(exact(a).device)
 
 
+@by_rows(_broadcast_rows(lambda *ts: add(*ts)))
 @shaped(lambda *ts: tuple(ts[0].shape))
 def add(*tensors: Tensor) -> Tensor:
     """``Σ tensors`` in float64."""
@@ -133,24 +198,58 @@ def add(*tensors: Tensor) -> Tensor:
     return total
 
 
+def _stacked_rows(start: int, stop: int, sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(piece, first, last)``: the rows of each stacked piece (``sizes`` rows each) that rows
+    ``start:stop`` of the stack cover."""
+    spans, offset = [], 0
+    for index, size in enumerate(sizes):
+        first, last = max(start, offset), min(stop, offset + size)
+        if first < last:
+            spans.append((index, first - offset, last - offset))
+        offset += size
+    return spans
+
+
+def _stack_outputs_rows(start: int, stop: int, rows: Rows, whole: Whole, *weights: Any) -> Tensor:
+    spans = _stacked_rows(start, stop, [int(w.shape[0]) for w in weights])
+    return stack_outputs(*(rows(weights[i], first, last) for i, first, last in spans))
+
+
+def _stack_biases_rows(
+    start: int, stop: int, rows: Rows, whole: Whole, biases: Sequence[Any], channels: Sequence[int]
+) -> Tensor:
+    spans = _stacked_rows(start, stop, channels)
+    return stack_biases(
+        [
+            _channel_rows(biases[i], channels[i], first, last, rows, whole)
+            for i, first, last in spans
+        ],
+        [last - first for _, first, last in spans],
+    )
+
+
+@by_rows(_stack_outputs_rows)
 @shaped(lambda *ws: (sum(int(w.shape[0]) for w in ws), *ws[0].shape[1:]))
 def stack_outputs(*weights: Tensor) -> Tensor:
     """Kernels of layers reading one input, their output channels stacked (a concatenation)."""
     return torch.cat([exact(w).to(exact(weights[0]).device) for w in weights])
 
 
+@by_rows(_stack_biases_rows)
 @shaped(lambda biases, channels: (sum(channels),))
 def stack_biases(biases: Sequence[Tensor], channels: Sequence[int]) -> Tensor:
     """Biases of stacked layers, ``biases[i]`` for ``channels[i]`` outputs (a number for all)."""
     return torch.cat([channel_vector(b, n) for b, n in zip(biases, channels, strict=True)])
 
 
+@by_rows(lambda start, stop, rows, whole, a: reciprocal(rows(a, start, stop)))
 @shaped(_same)
 def reciprocal(a: Tensor) -> Tensor:
     """``1 / a`` in float64."""
     return 1.0 / exact(a)
 
 
+@by_rows(lambda start, stop, rows, whole, t, *a, **kw: cast(rows(t, start, stop), *a, **kw))
 @shaped(_same)
 def cast(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``t`` in a layer's own dtype and device: where exact weights end."""
@@ -197,6 +296,11 @@ def batch_norm_affine(
     return scale, bn_shift(running_mean, scale, bias)
 
 
+@by_rows(
+    lambda start, stop, rows, whole, t, channels: channel_vector(
+        _channel_rows(t, channels, start, stop, rows, whole), stop - start
+    )
+)
 @shaped(lambda t, channels: (channels,))
 def channel_vector(t: Tensor, channels: int) -> Tensor:
     """A scalar or a tensor with ``channels`` elements (``(C,)``, ``(1, C, 1, 1)``…) as a
@@ -205,6 +309,26 @@ def channel_vector(t: Tensor, channels: int) -> Tensor:
     return t.reshape(1).expand(channels) if t.numel() == 1 else t.reshape(channels)
 
 
+def _scale_kernel_rows(
+    start: int,
+    stop: int,
+    rows: Rows,
+    whole: Whole,
+    weight: Any,
+    scale: Any,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> Tensor | None:
+    if transposed:  # (dim 0 is the input channels)
+        return None
+    channels = int(weight.shape[0])
+    return scale_kernel(
+        rows(weight, start, stop), _channel_rows(scale, channels, start, stop, rows, whole)
+    )
+
+
+@by_rows(_scale_kernel_rows)
 @shaped(_same)
 def scale_kernel(
     weight: Tensor, scale: Tensor, *, transposed: bool = False, groups: int = 1
@@ -228,6 +352,12 @@ def scale_kernel(
     return w * scale
 
 
+@by_rows(
+    lambda start, stop, rows, whole, bias, scale, shift, channels: affine_bias(
+        *(_channel_rows(t, channels, start, stop, rows, whole) for t in (bias, scale, shift)),
+        stop - start,
+    )
+)
 @shaped(lambda bias, scale, shift, channels: (channels,))
 def affine_bias(
     bias: Tensor | None, scale: Tensor | None, shift: Tensor | None, channels: int
@@ -246,6 +376,20 @@ def affine_bias(
     return b
 
 
+def _scale_input_channels_rows(
+    start: int, stop: int, rows: Rows, whole: Whole, weight: Any, scale: Any, *, groups: int = 1
+) -> Tensor | None:
+    span = _group_span(start, stop, int(weight.shape[0]), groups)
+    if span is None:
+        return None
+    per_group = int(weight.shape[1])
+    a = _channel_rows(
+        scale, per_group * groups, span[0] * per_group, span[1] * per_group, rows, whole
+    )
+    return scale_input_channels(rows(weight, start, stop), a, groups=span[1] - span[0])
+
+
+@by_rows(_scale_input_channels_rows)
 @shaped(_same)
 def scale_input_channels(weight: Tensor, scale: Tensor, *, groups: int = 1) -> Tensor:
     """``W'[o, i] = W[o, i] · a[i]``: a per-channel scale of a layer's input folded into it.
@@ -260,6 +404,32 @@ def scale_input_channels(weight: Tensor, scale: Tensor, *, groups: int = 1) -> T
     return w * rows.reshape(w.shape[0], in_per_group, *([1] * (w.dim() - 2)))
 
 
+def _input_shift_bias_rows(
+    start: int,
+    stop: int,
+    rows: Rows,
+    whole: Whole,
+    weight: Any,
+    bias: Any,
+    shift: Any,
+    *,
+    groups: int = 1,
+) -> Tensor | None:
+    out_channels, per_group = int(weight.shape[0]), int(weight.shape[1])
+    span = _group_span(start, stop, out_channels, groups)
+    if span is None:
+        return None
+    return input_shift_bias(
+        rows(weight, start, stop),
+        _channel_rows(bias, out_channels, start, stop, rows, whole),
+        _channel_rows(
+            shift, per_group * groups, span[0] * per_group, span[1] * per_group, rows, whole
+        ),
+        groups=span[1] - span[0],
+    )
+
+
+@by_rows(_input_shift_bias_rows)
 @shaped(lambda weight, *args, **kwargs: (int(weight.shape[0]),))
 def input_shift_bias(
     weight: Tensor, bias: Tensor | None, shift: Tensor, *, groups: int = 1
@@ -277,6 +447,21 @@ def input_shift_bias(
     return added if bias is None else added + channel_vector(bias, w.shape[0]).to(w.device)
 
 
+@by_rows(
+    lambda start, stop, rows, whole, scale, in_channels, groups, kernel_size, centre: (
+        _diagonal_rows(
+            channel_vector(
+                _channel_rows(scale, in_channels, start, stop, rows, whole), stop - start
+            ),
+            start,
+            stop,
+            in_channels,
+            groups,
+            kernel_size,
+            centre,
+        )
+    )
+)
 @shaped(
     lambda scale, in_channels, groups, kernel_size, centre: (
         in_channels,
@@ -291,17 +476,31 @@ def diagonal_kernel(
 
     Shape ``[C, C/g, *kernel_size]``, zero except ``W[c, c mod (C/g), *centre] = a[c]``.
     The identity is ``a = 1``. Needs ``g | C``."""
+    return _diagonal_rows(
+        channel_vector(scale, in_channels), 0, in_channels, in_channels, groups, kernel_size, centre
+    )
+
+
+def _diagonal_rows(
+    a: Tensor,
+    start: int,
+    stop: int,
+    in_channels: int,
+    groups: int,
+    kernel_size: Sequence[int],
+    centre: Sequence[int],
+) -> Tensor:
+    """Rows ``start:stop`` of :func:`diagonal_kernel`, from ``a``: those channels' scales."""
     if in_channels % groups:
         raise ValueError(
             f"a per-channel map needs in = out channels divisible by groups; "
             f"got in={in_channels}, groups={groups}"
         )
-    a = channel_vector(scale, in_channels)
     per_group = in_channels // groups
-    kernel = a.new_zeros((in_channels, per_group, *kernel_size))
-    index = torch.arange(in_channels, device=a.device)
+    kernel = a.new_zeros((stop - start, per_group, *kernel_size))
+    index = torch.arange(start, stop, device=a.device)
     taps = [torch.full_like(index, c) for c in centre]
-    return kernel.index_put((index, index % per_group, *taps), a)
+    return kernel.index_put_((index - start, index % per_group, *taps), a)  # (a fresh tensor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,6 +508,46 @@ def diagonal_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def _expand_groups(
+    w: Tensor, first: int, count: int, in_channels: int, groups: int, new_groups: int
+) -> Tensor:
+    """:func:`expand_groups` of ``w``: the rows of ``count`` groups from group ``first``."""
+    if groups % new_groups:
+        raise ValueError(f"cannot regroup {groups} groups into {new_groups}")
+    if groups == new_groups:
+        return w
+    in_per_group = w.shape[1]
+    out_per_group = w.shape[0] // count
+    new_in_per_group = in_channels // new_groups
+    blocks = []
+    for index in range(count):
+        start = ((first + index) * in_per_group) % new_in_per_group
+        rows = w[index * out_per_group : (index + 1) * out_per_group]
+        pad = [0, 0] * (w.dim() - 2) + [start, new_in_per_group - start - in_per_group]
+        blocks.append(F.pad(rows, pad))
+    return torch.cat(blocks)
+
+
+def _expand_groups_rows(
+    start: int,
+    stop: int,
+    rows: Rows,
+    whole: Whole,
+    weight: Any,
+    in_channels: int,
+    groups: int,
+    new_groups: int,
+) -> Tensor | None:
+    if groups == new_groups:  # (rows of any groups: nothing to regroup)
+        return exact(rows(weight, start, stop))
+    span = _group_span(start, stop, int(weight.shape[0]), groups)
+    if span is None:
+        return None
+    w = exact(rows(weight, start, stop))
+    return _expand_groups(w, span[0], span[1] - span[0], in_channels, groups, new_groups)
+
+
+@by_rows(_expand_groups_rows)
 @shaped(
     lambda weight, in_channels, groups, new_groups: (
         int(weight.shape[0]),
@@ -321,23 +560,14 @@ def expand_groups(weight: Tensor, in_channels: int, groups: int, new_groups: int
 
     A conv with ``g`` groups is a conv with ``g' | g`` groups whose kernel is block-diagonal
     inside each coarse group: exact, but denser (it costs ``g / g'`` times the MACs)."""
-    if groups % new_groups:
-        raise ValueError(f"cannot regroup {groups} groups into {new_groups}")
-    w = exact(weight)
-    if groups == new_groups:
-        return w
-    out_channels, in_per_group = w.shape[0], w.shape[1]
-    out_per_group = out_channels // groups
-    new_in_per_group = in_channels // new_groups
-    blocks = []
-    for group in range(groups):
-        start = (group * in_per_group) % new_in_per_group
-        rows = w[group * out_per_group : (group + 1) * out_per_group]
-        pad = [0, 0] * (w.dim() - 2) + [start, new_in_per_group - start - in_per_group]
-        blocks.append(F.pad(rows, pad))
-    return torch.cat(blocks)
+    return _expand_groups(exact(weight), 0, groups, in_channels, groups, new_groups)
 
 
+@by_rows(
+    lambda start, stop, rows, whole, weight, *args, **kwargs: place_kernel(
+        rows(weight, start, stop), *args, **kwargs
+    )
+)
 @shaped(lambda weight, extent, offsets, steps: (*weight.shape[:2], *extent))
 def place_kernel(
     weight: Tensor, extent: Sequence[int], offsets: Sequence[int], steps: Sequence[int]
@@ -361,6 +591,36 @@ def place_kernel(
     return placed
 
 
+def _placed_sum_rows(
+    start: int,
+    stop: int,
+    rows: Rows,
+    whole: Whole,
+    kernels: Sequence[Any],
+    scales: Sequence[Any],
+    *,
+    in_channels: int,
+    groups: Sequence[int],
+    new_groups: int,
+    extent: Sequence[int],
+    offsets: Sequence[Sequence[int]],
+    steps: Sequence[Sequence[int]],
+) -> Tensor | None:
+    out_channels = int(kernels[0].shape[0])
+    if any(_group_span(start, stop, out_channels, g) is None for g in groups if g != new_groups):
+        return None
+
+    def term(kernel: Any, g: int) -> Tensor:
+        value = _expand_groups_rows(start, stop, rows, whole, kernel, in_channels, g, new_groups)
+        assert value is not None  # (the groups were checked above)
+        return value
+
+    terms = (term(k, g) for k, g in zip(kernels, groups, strict=True))
+    row_scales = [_channel_rows(s, out_channels, start, stop, rows, whole) for s in scales]
+    return _place_terms(terms, row_scales, extent, offsets, steps)
+
+
+@by_rows(_placed_sum_rows)
 @shaped(
     lambda kernels, scales, *, in_channels, groups, new_groups, extent, offsets, steps: (
         int(kernels[0].shape[0]),
@@ -385,9 +645,22 @@ def placed_sum(
     sums as adding the zero-padded kernels (a tap a branch does not reach adds 0), without a
     padded float64 copy per branch. A scale that is fxfuse's own constant 1 multiplies
     nothing."""
+    terms = (
+        expand_groups(k, in_channels, g, new_groups) for k, g in zip(kernels, groups, strict=True)
+    )
+    return _place_terms(terms, scales, extent, offsets, steps)
+
+
+def _place_terms(
+    terms: Iterable[Tensor],
+    scales: Sequence[Tensor],
+    extent: Sequence[int],
+    offsets: Sequence[Sequence[int]],
+    steps: Sequence[Sequence[int]],
+) -> Tensor:
+    """``Σ aᵢ · place(termᵢ)``, one term computed at a time (``terms`` may be lazy)."""
     total: Tensor | None = None
-    for kernel, scale, g, offset, step in zip(kernels, scales, groups, offsets, steps, strict=True):
-        term = expand_groups(kernel, in_channels, g, new_groups)
+    for term, scale, offset, step in zip(terms, scales, offsets, steps, strict=True):
         if scale is not ONE:
             term = scale_kernel(term, scale)
         if total is None:
@@ -401,6 +674,13 @@ def placed_sum(
     return total
 
 
+@by_rows(
+    lambda start, stop, rows, whole, biases, scales, channels: merged_bias(
+        [_channel_rows(b, channels, start, stop, rows, whole) for b in biases],
+        [_channel_rows(s, channels, start, stop, rows, whole) for s in scales],
+        stop - start,
+    )
+)
 @shaped(lambda biases, scales, channels: (channels,))
 def merged_bias(biases: Sequence[Tensor | None], scales: Sequence[Tensor], channels: int) -> Tensor:
     """``Σ aᵢ · bᵢ`` per channel, float64 ``(channels,)`` (a missing ``bᵢ`` is 0)."""
@@ -418,6 +698,44 @@ def merged_bias(biases: Sequence[Tensor | None], scales: Sequence[Tensor], chann
 # --------------------------------------------------------------------------------------------
 
 
+def _compose_kernels_rows(
+    start: int, stop: int, rows: Rows, whole: Whole, outer: Any, inner: Any, *, groups: int = 1
+) -> Tensor | None:
+    span = _group_span(start, stop, int(outer.shape[0]), groups)
+    if span is None:
+        return None
+    mid = int(outer.shape[1])
+    return compose_kernels(
+        rows(outer, start, stop),
+        rows(inner, span[0] * mid, span[1] * mid),
+        groups=span[1] - span[0],
+    )
+
+
+def _compose_bias_rows(
+    start: int,
+    stop: int,
+    rows: Rows,
+    whole: Whole,
+    outer: Any,
+    outer_bias: Any,
+    inner_bias: Any,
+    *,
+    groups: int = 1,
+) -> Tensor | None:
+    out_channels, mid = int(outer.shape[0]), int(outer.shape[1])
+    span = _group_span(start, stop, out_channels, groups)
+    if span is None:
+        return None
+    return compose_bias(
+        rows(outer, start, stop),
+        _channel_rows(outer_bias, out_channels, start, stop, rows, whole),
+        _channel_rows(inner_bias, mid * groups, span[0] * mid, span[1] * mid, rows, whole),
+        groups=span[1] - span[0],
+    )
+
+
+@by_rows(_compose_kernels_rows)
 @shaped(
     lambda outer, inner, *, groups=1: (
         int(outer.shape[0]),
@@ -440,6 +758,7 @@ def compose_kernels(outer: Tensor, inner: Tensor, *, groups: int = 1) -> Tensor:
     return composed.reshape(out_channels, in_per_group, *w2.shape[2:])
 
 
+@by_rows(_compose_bias_rows)
 @shaped(lambda outer, outer_bias, inner_bias, *, groups=1: (int(outer.shape[0]),))
 def compose_bias(
     outer: Tensor, outer_bias: Tensor | None, inner_bias: Tensor | None, *, groups: int = 1

@@ -6,10 +6,12 @@ buffer, a weight ``torch.compile`` lifted to a graph input) and whose inner node
 functions of :mod:`fxfuse.kernels` (float64 arithmetic) or ops of the model re-run on its own
 constants. Nothing is computed while the rules run, except what a condition needs; then:
 
-- :func:`evaluate` computes a weight once (float64, exact), at emission: each fused layer's
-  weights are computed, cast to the layer's dtype and dropped, one layer at a time, so no
-  float64 copy of the model is ever held (an intermediate fold that a later merge absorbed is
-  never computed on its own);
+- :func:`evaluate` computes a weight once (float64, exact); at emission,
+  :func:`evaluate_as` computes each fused layer's weights and casts them to the layer's dtype,
+  one layer at a time and, for a large layer, one block of output channels at a time (each
+  kernel function says how its rows follow from its arguments' rows,
+  :func:`fxfuse.kernels.by_rows`), so no float64 copy of the model, nor of one large layer, is
+  ever held (an intermediate fold that a later merge absorbed is never computed on its own);
 - :func:`emit_weight` writes the same expression into the graph, so the fused model computes
   its weights from the *live* constants on every call: the ``torch.compile`` backend does this,
   where weights are graph inputs that may change between calls in ways no version counter sees
@@ -38,6 +40,7 @@ __all__ = [
     "const",
     "emit_weight",
     "evaluate",
+    "evaluate_as",
     "is_one",
     "leaf",
     "mul",
@@ -236,6 +239,92 @@ def _evaluate(weight: Weight, memo: dict[int, Tensor]) -> Tensor:
     else:  # pragma: no cover - a new kind of weight
         raise TypeError(f"cannot evaluate {weight!r}")
     memo[id(weight)] = value
+    return value
+
+
+BLOCK_BYTES = 4 * 2**20
+"""The float64 bytes of one block of a large layer's weight (:func:`evaluate_as`): a layer
+whose float64 weight is larger is computed this many bytes of output channels at a time."""
+
+
+def evaluate_as(
+    weights: Sequence[Weight | None],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    block_bytes: int | None = None,
+) -> list[Tensor | None]:
+    """The values of ``weights`` (a layer's kernel and bias: their dim 0 is the layer's output
+    channels), computed exactly (float64) and cast to ``dtype`` on ``device``.
+
+    Subexpressions are shared between the weights. Weights larger than ``block_bytes``
+    (float64; default :data:`BLOCK_BYTES`) are computed a block of rows at a time, each block
+    cast into the result at once, so the float64 scratch is one block's, not the layer's: the
+    rows come from the rows of the arguments wherever a kernel function says how
+    (:func:`fxfuse.kernels.by_rows`), and from the whole argument, computed once, elsewhere.
+    The same float64 operations on each row: the values are those :func:`evaluate` gives."""
+    block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
+    present = [w for w in weights if w is not None]
+    channels = {int(w.shape[0]) if w.dim() else 0 for w in present}
+    row = max((w.numel() // max(int(w.shape[0]), 1) for w in present if w.dim()), default=0)
+    if len(channels) != 1 or min(channels) < 2 or min(channels) * row * 8 <= block_bytes:
+        memo: dict[int, Tensor] = {}
+        values = [None if w is None else evaluate(w, memo) for w in weights]
+        del memo  # (one layer's float64 scratch at a time)
+        return [None if v is None else v.to(device=device, dtype=dtype) for v in values]
+    (total,) = channels
+    step = max(1, block_bytes // (8 * row))
+    results = [
+        None if w is None else torch.empty(w.shape, dtype=dtype, device=device) for w in weights
+    ]
+    whole: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            block: dict[tuple[int, int, int], Tensor] = {}
+            for w, result in zip(weights, results, strict=True):
+                if w is None or result is None:
+                    continue
+                value = _rows(w, start, stop, block, whole)
+                if value.shape != result[start:stop].shape:  # pragma: no cover - a wrong rule
+                    raise RuntimeError(f"rows {start}:{stop} of {w!r} came out {value.shape}")
+                result[start:stop].copy_(value)
+            del block
+    return results
+
+
+def _rows(
+    weight: Weight,
+    start: int,
+    stop: int,
+    block: dict[tuple[int, int, int], Tensor],
+    whole: dict[int, Tensor],
+) -> Tensor:
+    """Rows ``start:stop`` of ``weight`` (``block`` shares them within one block of rows,
+    ``whole`` the weights computed whole within the layer)."""
+    key = (id(weight), start, stop)
+    found = block.get(key)
+    if found is not None:
+        return found
+    value: Tensor | None = None
+    if isinstance(weight, Leaf):
+        value = weight.tensor.detach()[start:stop]
+    elif isinstance(weight, Const):
+        value = weight.tensor[start:stop]
+    elif isinstance(weight, Apply):
+        rule = getattr(weight.fn, "rows_of", None)
+        if rule is not None:
+            value = rule(
+                start,
+                stop,
+                lambda w, i, j: _rows(w, i, j, block, whole) if isinstance(w, Weight) else w[i:j],
+                lambda w: _evaluate(w, whole) if isinstance(w, Weight) else w,
+                *weight.args,
+                **weight.kwargs,
+            )
+    if value is None:  # (no rule, or not for these rows: the whole value, once, sliced)
+        value = _evaluate(weight, whole)[start:stop]
+    block[key] = value
     return value
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import blocks
 from benchmarks.scaling import fit_exponent, synthetic_net
+from fxfuse import weights
 from tests.helpers import fuse_and_check
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,3 +70,14 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_blocks_benchmark_runs_both_variants_and_restores_the_block_size() -> None:
+    before = weights.BLOCK_BYTES
+    result = blocks.measure("builtin:repvgg_net", rounds=1)
+    assert before == weights.BLOCK_BYTES
+    assert set(result) == {
+        f"{phase}_{variant}_s" for phase in ("emit", "optimize") for variant in ("blocked", "whole")
+    }
+    assert all(seconds > 0 for seconds in result.values())
+    assert "builtin:repvgg_net" in blocks.render({"builtin:repvgg_net": result})
