@@ -404,32 +404,37 @@ def scale_input_channels(weight: Tensor, scale: Tensor, *, groups: int = 1) -> T
     return w * rows.reshape(w.shape[0], in_per_group, *([1] * (w.dim() - 2)))
 
 
-def _input_shift_bias_rows(
+def _vector_through_rows(
+    fn: Callable[..., Tensor],
     start: int,
     stop: int,
     rows: Rows,
     whole: Whole,
     weight: Any,
     bias: Any,
-    shift: Any,
+    vector: Any,
     *,
     groups: int = 1,
 ) -> Tensor | None:
+    """Rows ``[start, stop)`` of ``fn(weight, bias, vector, groups=…)``: a bias plus a kernel
+    applied to a vector over its input channels (``input_shift_bias``, ``compose_bias``); a
+    block of whole groups reads its groups' part of the vector, one inside a group reads that
+    group's part."""
     out_channels, per_group = int(weight.shape[0]), int(weight.shape[1])
     span = _group_span(start, stop, out_channels, groups)
     if span is None:
         return None
-    return input_shift_bias(
+    return fn(
         rows(weight, start, stop),
         _channel_rows(bias, out_channels, start, stop, rows, whole),
         _channel_rows(
-            shift, per_group * groups, span[0] * per_group, span[1] * per_group, rows, whole
+            vector, per_group * groups, span[0] * per_group, span[1] * per_group, rows, whole
         ),
         groups=span[1] - span[0],
     )
 
 
-@by_rows(_input_shift_bias_rows)
+@by_rows(lambda *rows, **kw: _vector_through_rows(input_shift_bias, *rows, **kw))
 @shaped(lambda weight, *args, **kwargs: (int(weight.shape[0]),))
 def input_shift_bias(
     weight: Tensor, bias: Tensor | None, shift: Tensor, *, groups: int = 1
@@ -712,29 +717,6 @@ def _compose_kernels_rows(
     )
 
 
-def _compose_bias_rows(
-    start: int,
-    stop: int,
-    rows: Rows,
-    whole: Whole,
-    outer: Any,
-    outer_bias: Any,
-    inner_bias: Any,
-    *,
-    groups: int = 1,
-) -> Tensor | None:
-    out_channels, mid = int(outer.shape[0]), int(outer.shape[1])
-    span = _group_span(start, stop, out_channels, groups)
-    if span is None:
-        return None
-    return compose_bias(
-        rows(outer, start, stop),
-        _channel_rows(outer_bias, out_channels, start, stop, rows, whole),
-        _channel_rows(inner_bias, mid * groups, span[0] * mid, span[1] * mid, rows, whole),
-        groups=span[1] - span[0],
-    )
-
-
 @by_rows(_compose_kernels_rows)
 @shaped(
     lambda outer, inner, *, groups=1: (
@@ -758,7 +740,7 @@ def compose_kernels(outer: Tensor, inner: Tensor, *, groups: int = 1) -> Tensor:
     return composed.reshape(out_channels, in_per_group, *w2.shape[2:])
 
 
-@by_rows(_compose_bias_rows)
+@by_rows(lambda *rows, **kw: _vector_through_rows(compose_bias, *rows, **kw))
 @shaped(lambda outer, outer_bias, inner_bias, *, groups=1: (int(outer.shape[0]),))
 def compose_bias(
     outer: Tensor, outer_bias: Tensor | None, inner_bias: Tensor | None, *, groups: int = 1
