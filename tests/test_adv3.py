@@ -66,7 +66,6 @@ def test_a_forward_replaced_on_the_instance_is_not_torchs(
         assert relative_error(expected, actual) <= 1e-12
 
 
-
 class _WriteBetweenBranches(nn.Module):
     def __init__(self) -> None:
         super().__init__()
