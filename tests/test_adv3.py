@@ -94,3 +94,36 @@ def test_a_write_by_a_replaced_forward_is_seen(shape: tuple[int, ...]) -> None:
         with torch.no_grad():
             expected, actual = model(x.clone()), fused(x.clone())
         assert relative_error(expected, actual) <= 1e-12
+
+
+class _ValuePadConvBN(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.value = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(nn.functional.pad(x, (1, 1, 1, 1), value=self.value)))
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [(float("inf"), f64), (float("nan"), f64), (1e308, f64), (1e4, torch.float32)],
+)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 5), (2, 3, 6, 7)])
+def test_a_value_padding_holds_the_input_exactly(
+    value: float, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """The fused layer's value padding keeps the input as it is: ``pad(x − v) + v`` made
+    every output NaN for an infinite or NaN pad value, lost ``x`` for a huge one, and rounds
+    ``x`` to ``v``'s precision in float32."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(_ValuePadConvBN(value).to(dtype).eval(), 0)
+    fused = fxfuse.optimize(model)
+    x = torch.randn(*shape, dtype=dtype)
+    with torch.no_grad():
+        expected, actual = model(x), fused(x)
+    interior = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # (reads no padding)
+    assert relative_error(expected[interior], actual[interior]) <= (1e-12 if dtype == f64 else 1e-6)
+    assert torch.equal(expected.isnan(), actual.isnan())
