@@ -240,6 +240,7 @@ class Tracer(FxTracer):
             type(m) is nn.Identity
             and len(args) == 1
             and not kwargs
+            and "forward" not in vars(m)  # (replaced on the instance: the user's code)
             and not hooked(m)
             and not self._global_hooks
             and not isinstance(m, self.extra_leaves)

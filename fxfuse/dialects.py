@@ -163,8 +163,11 @@ def inherits_forward(module: nn.Module, *methods: str) -> bool:
     """True when ``module`` runs ``forward`` (and ``methods``) as defined in ``torch.nn``.
 
     A subclass that redefines them (weight standardization, fake quantization, dynamic
-    "same" padding) computes something else and is not the op its base class is."""
+    "same" padding) computes something else and is not the op its base class is; so does an
+    instance whose own attribute replaces one of them (``module.forward = ...``)."""
     for name in ("forward", *methods):
+        if name in vars(module):
+            return False
         fn = getattr(type(module), name, None)
         if not (getattr(fn, "__module__", None) or "").startswith("torch.nn."):
             return False

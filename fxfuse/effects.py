@@ -657,6 +657,9 @@ def _known_module(module: nn.Module) -> bool:
         return False
     if isinstance(module, torch.fx.GraphModule):
         return _graph_module_info(module).known
+    own = vars(module).get("forward")
+    if own is not None and not _torchs_own(own, module):
+        return False  # (replaced on the instance: the user's code)
     forward = getattr(type(module), "forward", None)
     return (getattr(forward, "__module__", None) or "").startswith("torch.")
 
@@ -686,6 +689,14 @@ def _graph_module_info(gm: torch.fx.GraphModule) -> _OpInfo:
     info = _OpInfo(writes, aliases, random, known)
     _GRAPH_MODULE_INFO[id(gm)] = (gm.graph, info)
     return info
+
+
+def _torchs_own(fn: Any, module: nn.Module) -> bool:
+    """Whether ``fn``, set on ``module`` itself, is torch's (the wrapper ``torch.export`` puts
+    on its guard module's ``forward``), not the user's nor another module's method."""
+    if getattr(fn, "__self__", module) is not module:
+        return False
+    return (getattr(fn, "__module__", None) or "").startswith("torch.")
 
 
 def aliasing_module(module: nn.Module) -> bool:

@@ -190,11 +190,16 @@ def pad_calls(
 @register_pure
 def pad_with_value(x: Tensor, amounts: list[int], value: Tensor) -> Tensor:
     """``F.pad(x, amounts)`` with the padded positions holding ``value`` (per channel, dim 1
-    of a batched input, or one number): ``pad(x − v) + v`` with ``v`` broadcast per channel."""
+    of a batched input, or one number): ``v`` broadcast per channel, selected where a
+    zero-padded mask of ones is 0. A selection, so ``x`` is kept bit for bit whatever ``v``
+    is (``pad(x − v) + v`` rounds ``x`` to ``v``'s precision, and an infinite or NaN ``v``
+    made every element NaN). ``amounts`` are not negative (:func:`pad_calls`)."""
     v = value.to(x.dtype)
     if v.numel() > 1:
         v = v.reshape(1, -1, *([1] * (x.dim() - 2)))
-    return F.pad(x - v, amounts) + v
+    padded = len(amounts) // 2
+    inside = x.new_ones([1] * (x.dim() - padded) + list(x.shape[x.dim() - padded :]))
+    return torch.where(F.pad(inside, amounts) != 0, F.pad(x, amounts), v)
 
 
 def pad_input(
