@@ -254,7 +254,10 @@ def _broadcast(node: Node, ranks: dict[Node, int]) -> int | None:
 
 
 def _torch_forward(m: nn.Module) -> bool:
-    """Whether ``m`` runs torch's own ``forward`` (a subclass may do anything in its own)."""
+    """Whether ``m`` runs torch's own ``forward`` (a subclass may do anything in its own, and
+    so may a ``forward`` replaced on the instance)."""
+    if "forward" in vars(m):
+        return False
     return (getattr(type(m).forward, "__module__", None) or "").startswith("torch.nn.")
 
 

@@ -220,3 +220,25 @@ def test_checks_are_gone_before_the_rules_run() -> None:
     # one, emission drops the second
     assert seen == [2, 2]
     assert _asserts(fused) == 1
+
+
+def test_a_batch_norm_with_a_forward_of_its_own_proves_no_rank() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.bn.forward = lambda x: x.flatten(2)  # type: ignore[method-assign]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            torch._assert(y.ndim == 4, "4d")
+            z = self.bn(y)
+            torch._assert(z.ndim == 4, "still 4d")  # false: the replaced forward flattens
+            return z
+
+    model = Model().eval()
+    with pytest.raises(AssertionError, match="still 4d"):
+        model(torch.randn(1, 3, 8, 8))
+    fused = fxfuse.optimize(model)
+    with pytest.raises(AssertionError, match="still 4d"):
+        fused(torch.randn(1, 3, 8, 8))
