@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, Node
 
+from fxfuse.dialects import inherits_forward
 from fxfuse.effects import _METADATA_ATTRIBUTES
 from fxfuse.layout import (
     _BROADCASTING,
@@ -150,7 +151,7 @@ def _keeps_input_ranks(node: Node, module: Callable[[str], Any]) -> bool:
     reshapes its input in place); not user code, nor methods such as ``unsqueeze_``."""
     if node.op == "call_module":
         m = module(str(node.target))
-        return isinstance(m, nn.Module) and _torch_forward(m)
+        return isinstance(m, nn.Module) and inherits_forward(m)
     if node.op == "call_function":
         return (
             node.target in _READING_FUNCTIONS
@@ -206,7 +207,7 @@ def _rank(
     or ``None``. Only ops that keep their first argument's rank (or fix one) count."""
     if node.op == "call_module":
         m = module(str(node.target))
-        if not isinstance(m, nn.Module) or not _torch_forward(m):
+        if not isinstance(m, nn.Module) or not inherits_forward(m):
             return None
         for cls, rank in _ONE_RANK_MODULES.items():
             if isinstance(m, cls):
@@ -251,14 +252,6 @@ def _broadcast(node: Node, ranks: dict[Node, int]) -> int | None:
         else:
             return None
     return max(found)
-
-
-def _torch_forward(m: nn.Module) -> bool:
-    """Whether ``m`` runs torch's own ``forward`` (a subclass may do anything in its own, and
-    so may a ``forward`` replaced on the instance)."""
-    if "forward" in vars(m):
-        return False
-    return (getattr(type(m).forward, "__module__", None) or "").startswith("torch.nn.")
 
 
 def _is_fused_layer(node: Node) -> bool:

@@ -242,3 +242,25 @@ def test_a_batch_norm_with_a_forward_of_its_own_proves_no_rank() -> None:
     fused = fxfuse.optimize(model)
     with pytest.raises(AssertionError, match="still 4d"):
         fused(torch.randn(1, 3, 8, 8))
+
+
+def test_a_hook_that_changes_the_rank_proves_nothing() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.bn.register_forward_hook(lambda m, i, o: o.flatten(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            torch._assert(y.ndim == 4, "4d")
+            z = self.bn(y)
+            torch._assert(z.ndim == 4, "still 4d")  # false: the hook flattens
+            return z
+
+    model = Model().eval()
+    with pytest.raises(AssertionError, match="still 4d"):
+        model(torch.randn(1, 3, 8, 8))
+    fused = fxfuse.optimize(model)
+    with pytest.raises(AssertionError, match="still 4d"):
+        fused(torch.randn(1, 3, 8, 8))
