@@ -858,22 +858,23 @@ class _Driver:
             n = stack.pop()
             if getattr(n, "_erased", False):
                 continue
-            if n.users and (writes := self.ctx.effects.unread_writes(n)):
+            if n.users:
+                writes = self.ctx.effects.unread_writes(n)
+                if not writes:  # still read: its user count changed, patterns may match now
+                    if n is not node:
+                        touched.update(dict.fromkeys(n.users))
+                    continue
                 for write in reversed(writes):  # (a write before the view it writes through)
                     self.ctx.graph.erase_node(write)
-            if n.users:
-                continue
+                if n.users:  # (reads of its shape: they move to the replacement)
+                    continue
             if not (n is node and n.op not in ("placeholder", "output")) and not self._removable(n):
                 continue
             inputs = n.all_input_nodes
             self.ctx.graph.erase_node(n)
             for rule_name in self.ctx._declining_rules:  # a few names, not every decline
                 self.ctx._declines.pop((rule_name, n), None)
-            for i in inputs:
-                if i.users and not self.ctx.effects.unread_writes(i):
-                    touched.update(dict.fromkeys(i.users))  # its user count changed:
-                else:  # patterns may match now
-                    stack.append(i)
+            stack.extend(inputs)
         for user in touched:
             self._push_upwards(user)
 
