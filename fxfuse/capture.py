@@ -202,9 +202,12 @@ class Tracer(FxTracer):
                 self._names.setdefault(id(buffer), name)
             for name, param in root.named_parameters():
                 self._names.setdefault(id(param), name)
-        self._global_hooks = any(getattr(_module_hooks, n) for n in _GLOBAL_HOOKS)
         try:
-            with _global_hooks_held_back(), _RandomCallsRecorded(self), _autocast_refused():
+            with (
+                _global_hooks_held_back() as self._global_hooks,
+                _RandomCallsRecorded(self),
+                _autocast_refused(),
+            ):
                 return super().trace(root, concrete_args)
         finally:
             self._names = {}
@@ -362,18 +365,19 @@ def _draws_random(func: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _global_hooks_held_back() -> Iterator[None]:
+def _global_hooks_held_back() -> Iterator[bool]:
     """Global module hooks (``register_module_forward_hook``) see every module call; a trace's
     calls are not calls, and their values are ``Proxy`` objects: hold the hooks back while
-    tracing (this thread and every other, for the trace's duration) and restore them."""
+    tracing (this thread and every other, for the trace's duration) and restore them. Yields
+    whether there were any."""
     saved = [(d, OrderedDict(d)) for d in (getattr(_module_hooks, n) for n in _GLOBAL_HOOKS)]
     if not any(copy for _, copy in saved):
-        yield
+        yield False
         return
     for hooks, _ in saved:
         hooks.clear()
     try:
-        yield
+        yield True
     finally:
         for hooks, copy in saved:
             hooks.clear()
