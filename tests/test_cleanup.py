@@ -75,3 +75,20 @@ def test_dropout_with_p_zero_is_dropped_even_in_training_mode() -> None:
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Dropout(0.0), nn.BatchNorm2d(3)).eval()
     model[1].train()
     fuse_and_check(model, torch.randn(1, 3, 4, 4), convs=1, batch_norms=0)
+
+
+def test_an_identity_seen_by_a_global_hook_stays_a_module_call() -> None:
+    from torch.nn.modules.module import register_module_forward_hook
+
+    calls: list[str] = []
+    model = Noise(nn.Identity()).eval()
+    handle = register_module_forward_hook(
+        lambda m, i, o: calls.append(type(m).__name__) if type(m) is nn.Identity else None
+    )
+    try:
+        fused = fxfuse.optimize(model)
+        calls.clear()
+        fused(torch.randn(1, 3, 8, 8))
+    finally:
+        handle.remove()
+    assert calls == ["Identity"]
