@@ -92,3 +92,31 @@ def test_an_identity_seen_by_a_global_hook_stays_a_module_call() -> None:
     finally:
         handle.remove()
     assert calls == ["Identity"]
+
+
+class InPlaceThroughIdentity(nn.Module):
+    """``nn.Identity`` hands back its argument itself: ``y += 1`` on its output changes the
+    caller's ``x``, before the conv reads it; the fused model must do the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip, self.conv, self.bn = nn.Identity(), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.skip(x)
+        y += 1
+        return self.bn(self.conv(y))
+
+
+def test_an_in_place_update_through_an_identity_reaches_the_callers_tensor() -> None:
+    from fxfuse.testing import randomize_batch_norms
+
+    model = randomize_batch_norms(InPlaceThroughIdentity().eval(), 0)
+    fused = fxfuse.optimize(model)
+    for shape in ((1, 3, 7, 8), (2, 3, 8, 7), (2, 3, 8, 7)):
+        x = torch.randn(shape)
+        a, b = x.clone(), x.clone()
+        expected, actual = model(a), fused(b)
+        assert torch.equal(a, x + 1) and torch.equal(b, a)  # the caller's tensor, updated
+        assert (actual - expected).norm() / expected.norm() < 1e-6
+    assert count_ops(fused, torch.randn(1, 3, 8, 8))["batch_norm"] == 0
